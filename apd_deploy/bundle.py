@@ -1,0 +1,119 @@
+"""The bundle: a directory of ONNX graphs, tokenizer files and `manifest.json`.
+
+`manifest.schema.json` (next to this file) is the contract for loaders in any language. A
+bundle is always assembled in a staging directory beside its destination and renamed into
+place only when complete, so a reader never sees half a bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from apd_deploy.errors import BundleError
+
+MANIFEST = "manifest.json"
+FORMAT = "apd-deploy-bundle"
+FORMAT_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under `directory` except the manifest, keyed by POSIX path."""
+    records = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
+        if rel != MANIFEST:
+            records[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return records
+
+
+def validate_manifest(manifest: dict[str, Any], where: Path) -> None:
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    try:
+        jsonschema.validate(manifest, schema)
+    except jsonschema.ValidationError as exc:
+        field = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise BundleError(f"{where}: field '{field}': {exc.message}") from None
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file of `directory`, validate and write its manifest; returns the manifest."""
+    manifest = {**manifest, "files": file_records(directory)}
+    validate_manifest(manifest, directory / MANIFEST)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging directory that replaces `target` if the block completes.
+
+    On any exception the staging directory is removed and `target` is left exactly as it was.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise BundleError(f"{target}: already exists; choose another output path or pass --overwrite")
+    if target.exists() and not target.is_dir():
+        raise BundleError(f"{target}: exists and is not a directory; remove it or choose another path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
+    try:
+        yield staging
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_manifest(bundle: str | Path, verify_files: bool = True) -> dict[str, Any]:
+    """Load and validate `bundle`'s manifest; with `verify_files`, check every file's sha256."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle}: no {MANIFEST}; is this a bundle written by `apd-deploy export`?")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc}); re-run `apd-deploy export`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: field 'format' is not '{FORMAT}'; this is not an apd-deploy bundle")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: field 'version' is {manifest.get('version')!r}, this apd-deploy reads version "
+            f"{FORMAT_VERSION}; re-export the bundle with this version"
+        )
+    validate_manifest(manifest, path)
+    if verify_files:
+        for rel, record in manifest["files"].items():
+            file = bundle / rel
+            if not file.is_file():
+                raise BundleError(f"{file}: listed in {MANIFEST} 'files' but missing; re-export the bundle")
+            if sha256_file(file) != record["sha256"]:
+                raise BundleError(f"{file}: sha256 differs from {MANIFEST} 'files'; the file is damaged or was changed")
+    return manifest

@@ -1,0 +1,17 @@
+"""Errors the user can act on: the CLI prints their message as one line, never a traceback."""
+
+
+class ApdDeployError(Exception):
+    """Bad input or an unmet requirement; the message names the file, the field and the fix."""
+
+
+class CheckpointError(ApdDeployError):
+    """A checkpoint directory that cannot be loaded as it is."""
+
+
+class BundleError(ApdDeployError):
+    """A bundle that is missing, incomplete, tampered with or of another format version."""
+
+
+class ExportCheckError(ApdDeployError):
+    """An exported graph that disagrees with the PyTorch model beyond the tolerance."""

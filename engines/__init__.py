@@ -1,0 +1,1 @@
+"""ONNX graphs -> runnable engines (onnxruntime everywhere, TensorRT on NVIDIA GPUs)."""

@@ -1,0 +1,32 @@
+"""The I/O of the exported graphs, described once as data.
+
+The export call, the manifest and (through the manifest) every runtime binding are derived
+from this table, so a name or an axis is changed in one place only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apd_deploy.export.config import ModelConfig
+
+# Symbolic axes. The mask's length is its own axis: it equals past_len + seq_len at run time,
+# but exporters want it declared independently.
+DYNAMIC_AXES = ("batch", "seq_len", "past_len", "total_len")
+
+
+def graph_io(cfg: ModelConfig, kv_dtype: str) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs of a decoder graph: name, element type and shape (ints or axis names)."""
+    kv = [cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim]
+    return {
+        "inputs": [
+            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq_len"]},
+            {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq_len"]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_len"]},
+            {"name": "past_kv", "dtype": kv_dtype, "shape": ["batch", "past_len", *kv]},
+        ],
+        "outputs": [
+            {"name": "logits", "dtype": "float32", "shape": ["batch", "seq_len", cfg.vocab_size]},
+            {"name": "new_kv", "dtype": kv_dtype, "shape": ["batch", "seq_len", *kv]},
+        ],
+    }

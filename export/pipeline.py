@@ -1,0 +1,182 @@
+"""`apd-deploy export`: two checkpoint directories in, one checked bundle out."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from apd_deploy import __version__
+from apd_deploy.bundle import FORMAT, FORMAT_VERSION, staged_directory, write_manifest
+from apd_deploy.errors import CheckpointError, ExportCheckError
+from apd_deploy.export import parity
+from apd_deploy.export.checkpoint import Checkpoint, load_checkpoint
+from apd_deploy.export.graph_io import graph_io
+from apd_deploy.export.trace import trace_to_onnx
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_ELEMENT_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEFAULT_OPSET = 18
+APD_DEFAULTS = {"apd_mixture_weight": 0.7, "kv_window": 16, "max_lookahead": 100}
+KV_LAYOUT = "[batch, past_len, num_layers, 2, num_kv_heads, head_dim]"
+
+Report = Callable[[str], None]
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _stage(report: Report, what: str) -> Iterator[None]:
+    report(f"{what} ...")
+    start = time.perf_counter()
+    yield
+    report(f"{what}: done in {time.perf_counter() - start:.1f} s")
+
+
+def check_compatible(dllm: Checkpoint, verifier: Checkpoint) -> None:
+    """The pair must share a tokenizer: APD compares their predictions token id by token id."""
+    d, v = dllm.config, verifier.config
+    if v.vocab_size > d.vocab_size:
+        raise CheckpointError(
+            f"{verifier.path / 'config.json'}: field 'vocab_size' is {v.vocab_size}, larger than the dLLM's "
+            f"{d.vocab_size}; APD cuts the dLLM's logits to the verifier's vocabulary, so the verifier's "
+            "must be the smaller (pick a verifier trained on the dLLM's tokenizer)"
+        )
+    if not 0 <= d.mask_token_id < d.vocab_size:
+        raise CheckpointError(f"{dllm.path / 'config.json'}: field 'mask_token_id' {d.mask_token_id} is outside the vocabulary")
+    if not d.eos_token_ids + v.eos_token_ids:
+        raise CheckpointError(f"{dllm.path / 'config.json'}: field 'eos_token_id' is missing; generation could never stop")
+    for tokens_id in d.eos_token_ids + v.eos_token_ids:
+        if tokens_id >= v.vocab_size:
+            raise CheckpointError(
+                f"{dllm.path / 'config.json'}: eos token {tokens_id} is outside the verifier's vocabulary ({v.vocab_size})"
+            )
+
+
+def _check_graph(ckpt: Checkpoint, onnx_path: Path, dtype: str, tolerance: float | None) -> dict[str, Any]:
+    session, reason = parity.ort_session(onnx_path)
+    if session is None:
+        return {"status": "skipped", "reason": reason}
+    cfg = ckpt.config
+    if cfg.causal:
+        steps = parity.VERIFIER_STEPS
+        reference = parity.full_prefix_stepper(parity.load_transformers_reference(ckpt.path, DTYPES[dtype]))
+        reference_name = "transformers"
+        tokens = parity.check_tokens(cfg.vocab_size, max(k + n for k, n in steps), None)
+    else:
+        steps = parity.DLLM_STEPS
+        reference = parity.torch_stepper(ckpt.model)
+        reference_name = "apd_deploy.export.transformer"
+        tokens = parity.check_tokens(cfg.vocab_size, max(k + n for k, n in steps), cfg.mask_token_id)
+    kv_shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim)
+    graph = parity.onnx_stepper(session, kv_shape, np.dtype(ONNX_ELEMENT_TYPES[dtype]))
+    result = parity.compare(graph, reference, tokens, steps, dtype, reference_name, tolerance)
+    if not result.passed:
+        raise ExportCheckError(
+            f"{onnx_path.name}: onnxruntime and PyTorch ({reference_name}) disagree: max |logits diff| "
+            f"{result.max_abs_diff:.3g} > tolerance {result.tolerance:.3g}; the export is not trustworthy "
+            "(try another --opset, or report the model)"
+        )
+    return result.to_dict()
+
+
+def _model_entry(ckpt: Checkpoint, graph: str, dtype: str, check: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "graph": graph,
+        "source": str(ckpt.path.resolve()),
+        "config": ckpt.config.to_dict(),
+        "attention": "causal" if ckpt.config.causal else "bidirectional",
+        "logits_shift": 1,
+        "kv_layout": KV_LAYOUT,
+        **graph_io(ckpt.config, ONNX_ELEMENT_TYPES[dtype]),
+        "check": check,
+    }
+
+
+def _copy_tokenizer(dllm: Checkpoint, verifier: Checkpoint, staging: Path) -> dict[str, Any] | None:
+    source = next((c for c in (dllm, verifier) if (c.path / "tokenizer.json").is_file()), None)
+    if source is None:
+        return None
+    (staging / "tokenizer").mkdir()
+    files = []
+    for f in source.tokenizer_files:
+        shutil.copy2(f, staging / "tokenizer" / f.name)
+        files.append(f"tokenizer/{f.name}")
+    return {"tokenizer_json": "tokenizer/tokenizer.json", "files": files}
+
+
+def export_bundle(
+    dllm_dir: str | Path,
+    verifier_dir: str | Path,
+    out: str | Path,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    tolerance: float | None = None,
+    report: Report = _silent,
+) -> dict[str, Any]:
+    """Export both checkpoints into the bundle directory `out` and return its manifest.
+
+    `tolerance` overrides the per-dtype bound on max |ORT - PyTorch| logits. Nothing is written
+    at `out` unless every step succeeds.
+    """
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    started = time.perf_counter()
+    # The exporter logs a line per optional op library it cannot find; none matter here.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    out = Path(out)
+    with _stage(report, f"loading dLLM from {dllm_dir}"):
+        dllm = load_checkpoint(dllm_dir, "dllm", DTYPES[dtype], allow_pickle)
+    with _stage(report, f"loading verifier from {verifier_dir}"):
+        verifier = load_checkpoint(verifier_dir, "verifier", DTYPES[dtype], allow_pickle)
+    check_compatible(dllm, verifier)
+
+    with staged_directory(out, overwrite) as staging:
+        models = {}
+        for role, ckpt in (("dllm", dllm), ("verifier", verifier)):
+            graph = f"{role}.onnx"
+            with _stage(report, f"tracing {role} to ONNX (opset {opset}, {dtype})"):
+                trace_to_onnx(ckpt.model, staging / graph, opset)
+            with _stage(report, f"checking {role} graph against PyTorch"):
+                check = _check_graph(ckpt, staging / graph, dtype, tolerance)
+            if check["status"] == "skipped":
+                report(f"warning: {role} graph not checked: {check['reason']}")
+            models[role] = _model_entry(ckpt, graph, dtype, check)
+        import onnx
+
+        d, v = dllm.config, verifier.config
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "created_by": f"apd-deploy {__version__}",
+            "models": models,
+            "special_tokens": {
+                "mask": d.mask_token_id,
+                "eos": list(dict.fromkeys(d.eos_token_ids + v.eos_token_ids)),
+                "pad": d.pad_token_id if d.pad_token_id is not None else v.pad_token_id,
+                "bos": d.bos_token_id if d.bos_token_id is not None else v.bos_token_id,
+            },
+            "apd_defaults": dict(APD_DEFAULTS),
+            "tokenizer": _copy_tokenizer(dllm, verifier, staging),
+            "export": {
+                "dtype": dtype,
+                "opset": opset,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+        }
+        with _stage(report, "hashing files and writing manifest.json"):
+            manifest = write_manifest(staging, manifest)
+    return manifest

@@ -1,0 +1,58 @@
+"""Trace a `DecoderLM` to an ONNX file with `torch.onnx.export` (the dynamo exporter)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from apd_deploy.export.graph_io import DYNAMIC_AXES, graph_io
+from apd_deploy.export.transformer import DecoderLM
+
+# ONNX protobufs cannot exceed 2 GB; past this the weights go to an external data file.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def example_inputs(model: DecoderLM, batch: int = 2, seq_len: int = 5, past_len: int = 3) -> tuple[torch.Tensor, ...]:
+    """Example inputs for tracing. Every dynamic axis must be >= 2 here, or the exporter
+    specialises the graph to that size (a window of 1 would bake a decode-only path)."""
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    position_ids = torch.arange(past_len, past_len + seq_len).expand(batch, seq_len).contiguous()
+    attention_mask = torch.ones(batch, past_len + seq_len, dtype=torch.int64)
+    past_kv = model.empty_cache(batch).new_zeros((batch, past_len, *model.empty_cache(1).shape[2:]))
+    past_kv.normal_(generator=g)
+    return input_ids, position_ids, attention_mask, past_kv
+
+
+def parameter_bytes(model: DecoderLM) -> int:
+    seen = {id(p): p for p in model.parameters()}
+    return sum(p.numel() * p.element_size() for p in seen.values())
+
+
+def trace_to_onnx(model: DecoderLM, out_path: Path, opset: int) -> None:
+    """Write `model` to `out_path` (plus `out_path.data` for graphs over 2 GB)."""
+    io = graph_io(model.config, kv_dtype="unused")
+    dims = {name: torch.export.Dim(name, min=0) for name in DYNAMIC_AXES}
+    dims["batch"] = torch.export.Dim("batch", min=1)
+    dims["seq_len"] = torch.export.Dim("seq_len", min=1)
+    dynamic_shapes = {
+        spec["name"]: {axis: dims[a] for axis, a in enumerate(spec["shape"]) if isinstance(a, str)}
+        for spec in io["inputs"]
+    }
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            example_inputs(model),
+            dynamo=True,
+            input_names=[s["name"] for s in io["inputs"]],
+            output_names=[s["name"] for s in io["outputs"]],
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    program.save(str(out_path), external_data=parameter_bytes(model) > EXTERNAL_DATA_BYTES)
