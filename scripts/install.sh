@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Create .venv with everything the export, the runtime and the tests need (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+# torch first, pinned: the machine's local CPU build; left to the resolver, pip would fetch a CUDA build.
+.venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 2> >(grep -v "is ignored" >&2)
+.venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]' 2> >(grep -v "is ignored" >&2)

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach a model hub; make any accidental attempt fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    from apd_deploy.export.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "pair")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_pair, tmp_path_factory):
+    from apd_deploy.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    export_bundle(tiny_pair / "dllm", tiny_pair / "verifier", out)
+    return out

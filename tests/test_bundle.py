@@ -1,0 +1,69 @@
+"""The bundle format: validated manifest, verified files, no torch needed to read it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from apd_deploy.bundle import read_manifest
+from apd_deploy.errors import BundleError
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    return shutil.copytree(tiny_bundle, tmp_path / "b")
+
+
+def _edit_manifest(bundle, **fields):
+    manifest = json.loads((bundle / "manifest.json").read_text()) | fields
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_damaged_file_is_detected(bundle_copy):
+    with open(bundle_copy / "verifier.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01")
+    with pytest.raises(BundleError, match="verifier.onnx: sha256 differs"):
+        read_manifest(bundle_copy)
+    read_manifest(bundle_copy, verify_files=False)
+
+
+def test_missing_file_is_detected(bundle_copy):
+    (bundle_copy / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json: listed"):
+        read_manifest(bundle_copy)
+
+
+def test_other_versions_and_shapes_are_refused(bundle_copy, tmp_path):
+    with pytest.raises(BundleError, match="no manifest.json"):
+        read_manifest(tmp_path)
+    _edit_manifest(bundle_copy, version=2)
+    with pytest.raises(BundleError, match="field 'version' is 2"):
+        read_manifest(bundle_copy)
+    _edit_manifest(bundle_copy, version=1, apd_defaults={"apd_mixture_weight": 1.5, "kv_window": 16, "max_lookahead": 100})
+    with pytest.raises(BundleError, match="apd_defaults/apd_mixture_weight"):
+        read_manifest(bundle_copy)
+
+
+def test_runtime_imports_and_reads_a_bundle_without_torch(tiny_bundle):
+    code = (
+        "import sys, apd_deploy.runtime, apd_deploy.engines, apd_deploy.cli\n"
+        "from apd_deploy.bundle import read_manifest\n"
+        f"read_manifest({str(tiny_bundle)!r})\n"
+        "leaked = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not leaked, leaked\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_packages_install_under_one_name():
+    import apd_deploy.engines
+    import apd_deploy.export
+    import apd_deploy.runtime
+
+    for module, folder in ((apd_deploy.export, "export"), (apd_deploy.engines, "engines"), (apd_deploy.runtime, "runtime")):
+        assert module.__file__.replace("\\", "/").split("/")[-2] == folder
