@@ -10,6 +10,7 @@ import torch
 
 from apd_deploy.errors import CheckpointError
 from apd_deploy.export.checkpoint import load_checkpoint
+from apd_deploy.export.pipeline import export_bundle
 from checkpoints import checkpoint_from_config, fixture_config, shard
 
 
@@ -113,12 +114,18 @@ def _copy(src, dst):
     ids=["missing-dir", "no-config", "garbled-config", "no-weights", "garbled-weights", "unsupported-model-type",
          "wrong-shapes", "missing-field", "no-mask-token", "rope-scaling", "bad-gqa", "dream-as-verifier"],
 )
-def test_bad_checkpoints_get_a_clear_error(tiny_pair, tmp_path, breakage, role, message):
+def test_bad_checkpoints_get_a_clear_error_and_export_writes_nothing(tiny_pair, tmp_path, breakage, role, message):
     directory = _copy(tiny_pair / "dllm", tmp_path / "ckpt")
     breakage(directory)
     with pytest.raises(CheckpointError, match=message) as info:
         load_checkpoint(directory, role)
     assert str(directory) in str(info.value)
+    out = tmp_path / "out"
+    out.mkdir()
+    pair = {"dllm": tiny_pair / "dllm", "verifier": tiny_pair / "verifier", role: directory}
+    with pytest.raises(CheckpointError, match=message):
+        export_bundle(pair["dllm"], pair["verifier"], out / "bundle")
+    assert list(out.iterdir()) == []
 
 
 def _edit(directory, **fields):
@@ -139,6 +146,9 @@ def test_pickled_weights_are_refused_unless_allowed(tiny_pair, tmp_path):
     (directory / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="--allow-pickle"):
         load_checkpoint(directory, "verifier")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        export_bundle(tiny_pair / "dllm", directory, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
     loaded = load_checkpoint(directory, "verifier", allow_pickle=True).model
     reference = load_checkpoint(tiny_pair / "verifier", "verifier").model
     assert torch.equal(loaded.model.embed_tokens.weight, reference.model.embed_tokens.weight)
