@@ -91,8 +91,65 @@ def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def read_manifest(bundle: str | Path, verify_files: bool = True) -> dict[str, Any]:
-    """Load and validate `bundle`'s manifest; with `verify_files`, check every file's sha256."""
+VERIFY_MODES = ("full", "remembered", "skip")
+
+
+def _memo_path() -> Path:
+    root = os.environ.get("APD_DEPLOY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "apd-deploy")
+    return Path(root) / "verified-files.json"
+
+
+def _load_memo() -> dict[str, list]:
+    try:
+        return json.loads(_memo_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_memo(memo: dict[str, list]) -> None:
+    """Best effort: a read-only home only costs a full check next time."""
+    path = _memo_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".verified-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(memo, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def verify_files(bundle: Path, manifest: dict[str, Any], mode: str = "full") -> None:
+    """Check every file listed in the manifest against its sha256.
+
+    'remembered' skips a file whose path, size and modification time match an earlier successful
+    check of the same sha256 (multi-GB graphs take seconds to hash); 'skip' checks nothing.
+    """
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify mode {mode!r} is not one of {VERIFY_MODES}")
+    if mode == "skip":
+        return
+    memo = _load_memo() if mode == "remembered" else {}
+    changed = False
+    for rel, record in manifest["files"].items():
+        file = bundle / rel
+        try:
+            stat = file.stat()
+        except FileNotFoundError:
+            raise BundleError(f"{file}: listed in {MANIFEST} 'files' but missing; re-export the bundle") from None
+        key, seen = str(file.resolve()), [stat.st_size, stat.st_mtime_ns, record["sha256"]]
+        if memo.get(key) == seen:
+            continue
+        if stat.st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
+            raise BundleError(f"{file}: sha256 differs from {MANIFEST} 'files'; the file is damaged or was changed")
+        memo[key], changed = seen, True
+    if mode == "remembered" and changed:
+        _save_memo(memo)
+
+
+def read_manifest(bundle: str | Path, verify: str = "full") -> dict[str, Any]:
+    """Load and validate `bundle`'s manifest and check its files (see `verify_files` for modes)."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
     if not path.is_file():
@@ -109,11 +166,5 @@ def read_manifest(bundle: str | Path, verify_files: bool = True) -> dict[str, An
             f"{FORMAT_VERSION}; re-export the bundle with this version"
         )
     validate_manifest(manifest, path)
-    if verify_files:
-        for rel, record in manifest["files"].items():
-            file = bundle / rel
-            if not file.is_file():
-                raise BundleError(f"{file}: listed in {MANIFEST} 'files' but missing; re-export the bundle")
-            if sha256_file(file) != record["sha256"]:
-                raise BundleError(f"{file}: sha256 differs from {MANIFEST} 'files'; the file is damaged or was changed")
+    verify_files(bundle, manifest, verify)
     return manifest

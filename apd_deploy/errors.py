@@ -15,3 +15,7 @@ class BundleError(ApdDeployError):
 
 class ExportCheckError(ApdDeployError):
     """An exported graph that disagrees with the PyTorch model beyond the tolerance."""
+
+
+class GenerationError(ApdDeployError):
+    """Generation parameters or a prompt that cannot be run as given."""

@@ -22,3 +22,9 @@ def tiny_bundle(tiny_pair, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "b"
     export_bundle(tiny_pair / "dllm", tiny_pair / "verifier", out)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_verification_memo(tmp_path_factory):
+    """Keep the runtime's memo of verified bundle files out of the user's cache directory."""
+    os.environ["APD_DEPLOY_CACHE"] = str(tmp_path_factory.mktemp("apd-cache"))

@@ -29,7 +29,7 @@ def test_damaged_file_is_detected(bundle_copy):
         f.write(b"\x00\x01")
     with pytest.raises(BundleError, match="verifier.onnx: sha256 differs"):
         read_manifest(bundle_copy)
-    read_manifest(bundle_copy, verify_files=False)
+    read_manifest(bundle_copy, verify="skip")
 
 
 def test_missing_file_is_detected(bundle_copy):

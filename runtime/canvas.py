@@ -1,0 +1,71 @@
+"""Per-request decoding state shared by every algorithm."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from apd_deploy.runtime.engine import OrtDecoder
+from apd_deploy.runtime.kv_cache import KVCache
+from apd_deploy.runtime.sampling import Sampler
+
+
+@dataclass
+class Step:
+    """What one decoding step did: `committed` tokens were decided, and the decided prefix of the
+    generation grew by `tokens` (the same tokens, for left-to-right algorithms)."""
+
+    committed: int
+    tokens: np.ndarray
+
+
+@dataclass
+class Canvas:
+    """The sequence being generated: prompt followed by masks, filled in as decoding commits."""
+
+    x: np.ndarray
+    prompt_len: int
+    mask_id: int
+    vocab_size: int  # sampling is restricted to the ids both models know (the verifier's vocabulary)
+    sampler: Sampler
+    forwards: dict[str, int] = field(default_factory=lambda: {"dllm": 0, "verifier": 0})
+
+    @classmethod
+    def start(cls, prompt: np.ndarray, max_new_tokens: int, mask_id: int, vocab_size: int, sampler: Sampler) -> Canvas:
+        x = np.full(len(prompt) + max_new_tokens, mask_id, dtype=np.int64)
+        x[: len(prompt)] = prompt
+        return cls(x, len(prompt), mask_id, vocab_size, sampler)
+
+    def run(self, role: str, engine: OrtDecoder, ids: np.ndarray, cache: KVCache):
+        self.forwards[role] += 1
+        return engine.run(ids, cache)
+
+
+Decoder = Iterator[Step]
+
+
+class WindowedDLLM:
+    """The dLLM with APD's KV window: each step recomputes x[left:right] over a cache of
+    [0, left), and afterwards keeps the positions up to `curr - W + 1`, so that the next step
+    recomputes the last W committed positions plus the newly committed ones."""
+
+    def __init__(self, engine: OrtDecoder, canvas: Canvas, kv_window: int) -> None:
+        self.engine, self.canvas, self.kv_window = engine, canvas, kv_window
+        self.cache = engine.new_cache(len(canvas.x))
+        self.left = 0
+        self._new_kv = None
+
+    def predict(self, curr: int, right: int) -> np.ndarray:
+        """Logits predicting positions curr..right-1. Dream's logits are shifted: the output row
+        of position j-1 predicts token j (curr > left always, so row j-1 is in the window)."""
+        self.cache.crop(self.left)
+        logits, self._new_kv = self.canvas.run("dllm", self.engine, self.canvas.x[self.left : right], self.cache)
+        return logits[curr - 1 - self.left : right - 1 - self.left, : self.canvas.vocab_size]
+
+    def advance(self, curr: int) -> None:
+        """Call once per step with `curr`, the first position this step decided."""
+        keep = max(curr - self.kv_window + 1, 0)
+        self.cache.append(self._new_kv, keep - self.left)
+        self.left = keep

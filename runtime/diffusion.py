@@ -1,0 +1,49 @@
+"""Dream's own decoding: the whole canvas every step (no cache), and over `steps` steps the
+masked positions the dLLM is most sure of are unmasked first, following Dream's schedule
+(timesteps linspace(1, eps, steps + 1); at step i, unmask a 1 - s/t share of what is masked)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from apd_deploy.runtime.canvas import Canvas, Decoder, Step
+from apd_deploy.runtime.engine import OrtDecoder
+from apd_deploy.runtime.sampling import pick, softmax
+
+ORDERS = ("confidence", "entropy", "margin")
+EPS = 1e-3
+
+
+def confidence(probs: np.ndarray, tokens: np.ndarray, order: str) -> np.ndarray:
+    """How sure the dLLM is of each sampled token (higher first), as Dream scores it."""
+    if order == "confidence":  # Dream's maskgit_plus
+        return np.take_along_axis(probs, tokens[:, None], axis=-1)[:, 0]
+    if order == "margin":  # topk_margin
+        top2 = np.partition(probs, -2, axis=-1)[:, -2:]
+        return top2[:, 1] - top2[:, 0]
+    return (probs * np.log(probs + 1e-10)).sum(axis=-1)  # entropy: negative entropy
+
+
+def diffusion(canvas: Canvas, dllm: OrtDecoder, steps: int, order: str) -> Decoder:
+    x, sampler = canvas.x, canvas.sampler
+    empty = dllm.new_cache(0)
+    timesteps = np.linspace(1, EPS, steps + 1)
+    decided = canvas.prompt_len  # end of the contiguous unmasked prefix
+    for i in range(steps):
+        masked = np.flatnonzero(x == canvas.mask_id)
+        masked = masked[masked >= canvas.prompt_len]
+        if len(masked) == 0:
+            return
+        logits, _ = canvas.run("dllm", dllm, x, empty)
+        # Shifted logits: the row of position j-1 predicts j.
+        scores = sampler.scores(logits[masked - 1, : canvas.vocab_size])
+        tokens = pick(scores, sampler.noise(len(masked)))
+        sure = confidence(softmax(scores), tokens, order)
+        t, s = timesteps[i], timesteps[i + 1]
+        count = int(len(masked) * (1 - s / t)) if i < steps - 1 else len(masked)
+        chosen = np.argsort(-sure, kind="stable")[:count]
+        x[masked[chosen]] = tokens[chosen]
+        start = decided
+        while decided < len(x) and x[decided] != canvas.mask_id:
+            decided += 1
+        yield Step(count, x[start:decided].copy())

@@ -1,0 +1,200 @@
+"""`Runtime`: load a bundle once, then generate from many requests (threads welcome).
+
+The loaded runtime holds only immutable things (sessions, tokenizer, manifest); everything a
+request changes (canvas, caches, random generator, counters) is created per call, so two
+threads may generate on one runtime at the same time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apd_deploy.bundle import read_manifest
+from apd_deploy.errors import BundleError, GenerationError
+from apd_deploy.runtime.apd import apd
+from apd_deploy.runtime.autoregressive import autoregressive
+from apd_deploy.runtime.canvas import Canvas, Decoder
+from apd_deploy.runtime.diffusion import diffusion
+from apd_deploy.runtime.engine import DecoderSpec, OrtDecoder
+from apd_deploy.runtime.leftright import leftright
+from apd_deploy.runtime.params import GenerationParams
+from apd_deploy.runtime.sampling import Sampler, SamplingParams
+from apd_deploy.runtime.tokenizer import BundleTokenizer
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # the generated part only, up to and including the first EOS
+    text: str | None
+    steps: int
+    accepted_per_step: list[int]
+    dllm_forwards: int
+    verifier_forwards: int
+    seconds: float
+    tokens_per_second: float
+    seed: int | None = None  # the seed used, to reproduce a sampled (T > 0) generation
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Chunk:
+    """Tokens committed by one step, and the text they add (None without a tokenizer)."""
+
+    token_ids: list[int]
+    text: str | None
+
+
+@dataclass
+class Generation:
+    """Iterate for the chunks as they are committed; `result` is set once iteration ends."""
+
+    _chunks: Iterator[Chunk]
+    result: GenerationResult | None = field(default=None)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self._chunks
+
+
+class Runtime:
+    def __init__(self, bundle: Path, manifest: dict[str, Any], dllm: OrtDecoder, verifier: OrtDecoder,
+                 tokenizer: BundleTokenizer | None) -> None:
+        self.bundle, self.manifest = bundle, manifest
+        self.dllm, self.verifier, self.tokenizer = dllm, verifier, tokenizer
+        special = manifest["special_tokens"]
+        self.mask_id, self.eos_ids = special["mask"], frozenset(special["eos"])
+        self.vocab_size = verifier.spec.vocab_size
+        self.max_positions = min(dllm.spec.max_positions, verifier.spec.max_positions)
+        self.defaults = GenerationParams(**manifest["apd_defaults"])
+
+    @classmethod
+    def load(cls, bundle: str | Path, threads: int | None = None, verify: str = "remembered") -> Runtime:
+        """Load `bundle`. `verify`: 'full' hashes every file, 'remembered' (default) skips files
+        whose size and modification time match an earlier full check, 'skip' trusts the files."""
+        bundle = Path(bundle)
+        manifest = read_manifest(bundle, verify=verify)
+        specs = {role: DecoderSpec.from_manifest(manifest["models"][role]) for role in ("dllm", "verifier")}
+        _check_pair(bundle, manifest, specs)
+        engines = {role: OrtDecoder(bundle / manifest["models"][role]["graph"], specs[role], threads) for role in specs}
+        return cls(bundle, manifest, engines["dllm"], engines["verifier"], BundleTokenizer.from_bundle(bundle, manifest))
+
+    def params(self, **overrides: Any) -> GenerationParams:
+        """Generation parameters: the bundle's APD defaults with `overrides` (None = default)."""
+        sampling = SamplingParams(**{k: overrides.pop(k) for k in ("temperature", "top_p", "top_k", "seed") if k in overrides})
+        if sampling.temperature is None:
+            sampling = replace(sampling, temperature=0.0)
+        chosen = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(chosen) - set(GenerationParams.__dataclass_fields__)
+        if unknown:
+            raise GenerationError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
+        params = replace(self.defaults, sampling=sampling, **chosen)
+        params.check()
+        return params
+
+    def prompt_ids(self, prompt: str | Sequence[int], chat: bool = False) -> np.ndarray:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise GenerationError(f"{self.bundle}: the bundle has no tokenizer; give the prompt as token ids")
+            ids = self.tokenizer.apply_chat_template(prompt) if chat else self.tokenizer.encode(prompt)
+        else:
+            if chat:
+                raise GenerationError("--chat needs a text prompt, not token ids")
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise GenerationError("the prompt is empty; give at least one token")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return np.asarray(ids, dtype=np.int64)
+
+    def generate(self, prompt: str | Sequence[int], chat: bool = False, **params: Any) -> GenerationResult:
+        stream = self.stream(prompt, chat=chat, **params)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream(self, prompt: str | Sequence[int], chat: bool = False, **params: Any) -> Generation:
+        """Like `generate`, but iterate the returned object for each step's committed chunk."""
+        p = self.params(**params)
+        ids = self.prompt_ids(prompt, chat)
+        if len(ids) + p.max_new_tokens > self.max_positions:
+            raise GenerationError(
+                f"prompt of {len(ids)} tokens + --max-new-tokens {p.max_new_tokens} exceeds the models' "
+                f"{self.max_positions} positions; use --max-new-tokens {max(self.max_positions - len(ids), 0)} or less"
+                + (" (the prompt alone is too long)" if len(ids) >= self.max_positions else "")
+            )
+        sampler = Sampler(p.sampling, self.vocab_size)
+        canvas = Canvas.start(ids, p.max_new_tokens, self.mask_id, self.vocab_size, sampler)
+        generation = Generation(iter(()))
+        generation._chunks = self._run(self._decoder(canvas, p), canvas, generation)
+        return generation
+
+    def _decoder(self, canvas: Canvas, p: GenerationParams) -> Decoder:
+        if p.alg == "apd":
+            return apd(canvas, self.dllm, self.verifier, p.apd_mixture_weight, p.kv_window, p.max_lookahead)
+        if p.alg == "leftright":
+            return leftright(canvas, self.dllm, p.tokens_per_step, p.kv_window, p.max_lookahead)
+        if p.alg == "diffusion":
+            return diffusion(canvas, self.dllm, p.steps or p.max_new_tokens, p.diffusion_order)
+        return autoregressive(canvas, self.verifier)
+
+    def _run(self, decoder: Decoder, canvas: Canvas, generation: Generation) -> Iterator[Chunk]:
+        started = time.perf_counter()
+        generated: list[int] = []
+        accepted: list[int] = []
+        text = ""
+        for step in decoder:
+            tokens = step.tokens.tolist()
+            eos_at = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+            if eos_at is not None:
+                tokens = tokens[: eos_at + 1]
+            accepted.append(step.committed - (len(step.tokens) - len(tokens)))
+            generated += tokens
+            delta = None
+            if self.tokenizer is not None and tokens:
+                full = self.tokenizer.decode(generated)
+                # Hold back a trailing partial UTF-8 character until its other bytes arrive.
+                if not full.endswith("\ufffd"):
+                    delta, text = full[len(text):], full
+            yield Chunk(tokens, delta)
+            if eos_at is not None:
+                break
+        seconds = time.perf_counter() - started
+        generation.result = GenerationResult(
+            token_ids=generated,
+            text=self.tokenizer.decode(generated) if self.tokenizer is not None else None,
+            steps=len(accepted),
+            accepted_per_step=accepted,
+            dllm_forwards=canvas.forwards["dllm"],
+            verifier_forwards=canvas.forwards["verifier"],
+            seconds=seconds,
+            tokens_per_second=len(generated) / seconds if seconds > 0 else 0.0,
+            seed=canvas.sampler.seed if not canvas.sampler.params.greedy else None,
+        )
+
+
+def _check_pair(bundle: Path, manifest: dict[str, Any], specs: dict[str, DecoderSpec]) -> None:
+    """Refuse a bundle whose two models cannot share token ids."""
+    where = bundle / "manifest.json"
+    dllm, verifier = specs["dllm"], specs["verifier"]
+    special = manifest["special_tokens"]
+    if verifier.vocab_size > dllm.vocab_size:
+        raise BundleError(
+            f"{where}: models.verifier.config.vocab_size {verifier.vocab_size} exceeds the dLLM's "
+            f"{dllm.vocab_size}; the two models do not share a tokenizer; re-export with a matching pair"
+        )
+    if not 0 <= special["mask"] < dllm.vocab_size:
+        raise BundleError(f"{where}: special_tokens.mask {special['mask']} is outside the dLLM's vocabulary")
+    for eos in special["eos"]:
+        if not 0 <= eos < verifier.vocab_size:
+            raise BundleError(
+                f"{where}: special_tokens.eos {eos} is outside the verifier's vocabulary ({verifier.vocab_size}); "
+                "the pair does not share special tokens"
+            )

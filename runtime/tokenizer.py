@@ -1,0 +1,70 @@
+"""The bundle's tokenizer (Hugging Face `tokenizers`) and chat template (Jinja), without transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from apd_deploy.errors import BundleError, GenerationError
+
+
+class BundleTokenizer:
+    def __init__(self, tokenizer_json: Path, chat_template: str | None, special: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        self.chat_template = chat_template
+        self.special = special
+
+    @classmethod
+    def from_bundle(cls, bundle: Path, manifest: dict[str, Any]) -> BundleTokenizer | None:
+        entry = manifest["tokenizer"]
+        if entry is None:
+            return None
+        path = bundle / entry["tokenizer_json"]
+        config_path = path.with_name("tokenizer_config.json")
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # several named templates: use the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template_file = path.with_name("chat_template.jinja")
+        if template is None and template_file.is_file():
+            template = template_file.read_text()
+        special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}
+        try:
+            return cls(path, template, special)
+        except Exception as exc:  # tokenizers raises plain Exception subclasses for bad files
+            raise BundleError(f"{path}: cannot load the tokenizer ({exc})") from None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, prompt: str) -> list[int]:
+        if not self.chat_template:
+            raise GenerationError("--chat: the bundle's tokenizer has no chat template; drop --chat")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise GenerationError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, **self.special
+            )
+        except jinja2.TemplateError as exc:
+            raise GenerationError(f"the bundle's chat template failed to render: {exc}") from None
+        # The template writes the special tokens itself.
+        return self.encode(text, add_special_tokens=False)
+
+
+def _token_text(value: Any) -> str:
+    if isinstance(value, dict):  # AddedToken serialised as a dict
+        return value.get("content", "")
+    return value or ""

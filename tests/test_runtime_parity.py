@@ -1,0 +1,50 @@
+"""The runtime on onnxruntime produces exactly the tokens of the naive PyTorch reference at T=0."""
+
+from __future__ import annotations
+
+import pytest
+
+from apd_deploy.export.checkpoint import load_checkpoint
+from apd_deploy.runtime import Runtime
+from reference_decoding import reference_apd, reference_ar, reference_leftright
+
+# (prompt, max_new_tokens): a one-token prompt, short and long prompts, up to the 512 positions.
+CASES = [([7], 40), ([72, 101, 108, 108, 111], 96), (list(range(30, 47)), 495)]
+APD_SETTINGS = [  # (R, W, M)
+    (0.7, 16, 100), (0.5, 4, 16), (0.7, 1, 100), (0.7, 16, 1), (0.9, 1, 1), (0.0, 16, 100), (1.0, 16, 100),
+]
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_bundle):
+    return Runtime.load(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def torch_models(tiny_pair):
+    return load_checkpoint(tiny_pair / "dllm", "dllm").model, load_checkpoint(tiny_pair / "verifier", "verifier").model
+
+
+@pytest.mark.parametrize("R, W, M", APD_SETTINGS)
+@pytest.mark.parametrize("prompt, n", CASES, ids=["p1", "p5", "p17-max"])
+def test_apd_matches_reference(runtime, torch_models, prompt, n, R, W, M):
+    dllm, verifier = torch_models
+    expected = reference_apd(dllm, verifier, prompt, n, R, W, M, runtime.mask_id, runtime.eos_ids)
+    result = runtime.generate(prompt, alg="apd", max_new_tokens=n, apd_mixture_weight=R, kv_window=W, max_lookahead=M)
+    assert result.token_ids == expected
+    assert sum(result.accepted_per_step) == len(expected)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("prompt, n", CASES, ids=["p1", "p5", "p17-max"])
+def test_leftright_matches_reference(runtime, torch_models, prompt, n, K):
+    dllm, _ = torch_models
+    expected = reference_leftright(dllm, prompt, n, K, 16, 100, runtime.mask_id, runtime.eos_ids, runtime.vocab_size)
+    result = runtime.generate(prompt, alg="leftright", max_new_tokens=n, tokens_per_step=K)
+    assert result.token_ids == expected
+
+
+@pytest.mark.parametrize("prompt, n", CASES[:2], ids=["p1", "p5"])
+def test_ar_matches_reference(runtime, torch_models, prompt, n):
+    _, verifier = torch_models
+    assert runtime.generate(prompt, alg="ar", max_new_tokens=n).token_ids == reference_ar(verifier, prompt, n, runtime.eos_ids)
