@@ -43,11 +43,24 @@ def progress_printer(quiet: bool) -> Callable[[str], None]:
 
 @click.group()
 @click.version_option(__version__, prog_name="apd-deploy")
-def main() -> None:
+def cli() -> None:
     """Deploy Adaptive Parallel Decoding: a diffusion LLM drafts, a small AR model verifies."""
 
 
-@main.command("make-tiny")
+def main() -> None:
+    """Console entry point: click's usage errors also become one `error:` line."""
+    try:
+        code = cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+@cli.command("make-tiny")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--preset", type=click.Choice(["tiny"]), default="tiny", show_default=True, help="Model sizes.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -61,7 +74,7 @@ def make_tiny_command(out: str, preset: str, seed: int, overwrite: bool) -> None
     click.echo(f"wrote {out}/dllm and {out}/verifier")
 
 
-@main.command("export")
+@cli.command("export")
 @click.option("--dllm", "dllm_dir", required=True, type=click.Path(), help="Dream-format checkpoint directory.")
 @click.option("--verifier", "verifier_dir", required=True, type=click.Path(), help="Qwen2/Llama checkpoint directory.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
@@ -96,3 +109,74 @@ def export_command(dllm_dir: str, verifier_dir: str, out: str, dtype: str, opset
             if check["status"] == "passed":
                 click.echo(f"{role}: max |logits diff| {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.1e})")
         click.echo(f"wrote {out} in {summary['seconds']:.1f} s")
+
+
+CHUNK_COLOURS = ("cyan", "yellow")
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    from apd_deploy.errors import GenerationError
+
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise GenerationError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+@cli.command("generate")
+@click.argument("bundle", type=click.Path())
+@click.option("--prompt", help="Prompt text (needs a bundle with a tokenizer).")
+@click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--alg", default="apd", show_default=True, help="apd | leftright | diffusion | ar.")
+@click.option("--apd-mixture-weight", "apd_mixture_weight", type=float, help="R in [0, 1]  [default: bundle's, 0.7]")
+@click.option("--kv-window", type=int, help="W >= 1  [default: bundle's, 16]")
+@click.option("--max-lookahead", type=int, help="M >= 1  [default: bundle's, 100]")
+@click.option("--tokens-per-step", type=int, help="K for --alg leftright  [default: 1]")
+@click.option("--steps", type=int, help="Steps for --alg diffusion  [default: --max-new-tokens]")
+@click.option("--diffusion-order", help="confidence | entropy | margin, for --alg diffusion  [default: confidence]")
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--top-p", type=float)
+@click.option("--top-k", type=int)
+@click.option("--seed", type=int, help="Seed for T > 0 (the same seed gives the same tokens).")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--threads", type=int, help="onnxruntime threads per model  [default: half the cores, at most 4]")
+@click.option("--verify", type=click.Choice(["full", "remembered", "skip"]), default="remembered", show_default=True,
+              help="Check the bundle's files against their sha256 (remembered: once per file version).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
+@user_errors
+def generate_command(bundle: str, prompt: str | None, prompt_ids: str | None, chat: bool, threads: int | None,
+                     verify: str, as_json: bool, **params: Any) -> None:
+    """Generate from BUNDLE, streaming each step's accepted chunk (coloured in a terminal)."""
+    from apd_deploy.errors import GenerationError
+    from apd_deploy.runtime import Runtime
+
+    if (prompt is None) == (prompt_ids is None):
+        raise GenerationError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if threads is not None and threads < 1:
+        raise GenerationError(f"--threads must be at least 1, got {threads}")
+    runtime = Runtime.load(bundle, threads=threads, verify=verify)
+    stream = runtime.stream(prompt if prompt is not None else parse_prompt_ids(prompt_ids), chat=chat, **params)
+    if as_json:
+        for _ in stream:
+            pass
+        result = stream.result
+        click.echo(json.dumps({"alg": params["alg"], **result.to_dict()}))
+        return
+    shown = ""
+    for i, chunk in enumerate(stream):
+        piece = chunk.text if runtime.tokenizer is not None else " ".join(map(str, chunk.token_ids)) + " "
+        if piece:
+            shown += piece
+            click.echo(click.style(piece, fg=CHUNK_COLOURS[i % 2]), nl=False)
+    result = stream.result
+    if result.text is not None and result.text.startswith(shown):
+        click.echo(result.text[len(shown):], nl=False)  # a held-back partial character, if any
+    click.echo()
+    mean = len(result.token_ids) / max(result.steps, 1)
+    click.echo(
+        f"[{params['alg']}] {len(result.token_ids)} tokens in {result.steps} steps ({mean:.2f} per step), "
+        f"dLLM forwards {result.dllm_forwards}, verifier forwards {result.verifier_forwards}, "
+        f"{result.seconds:.3f} s, {result.tokens_per_second:.1f} tokens/s",
+        err=True,
+    )

@@ -48,3 +48,29 @@ def test_leftright_matches_reference(runtime, torch_models, prompt, n, K):
 def test_ar_matches_reference(runtime, torch_models, prompt, n):
     _, verifier = torch_models
     assert runtime.generate(prompt, alg="ar", max_new_tokens=n).token_ids == reference_ar(verifier, prompt, n, runtime.eos_ids)
+
+
+@pytest.fixture(scope="module")
+def runtime_without_eos(tiny_bundle):
+    """The same bundle, but nothing stops generation early: every run goes to full length."""
+    runtime = Runtime.load(tiny_bundle)
+    runtime.eos_ids = frozenset()
+    return runtime
+
+
+@pytest.mark.parametrize("alg, settings", [
+    ("apd", {"apd_mixture_weight": 0.7, "kv_window": 16, "max_lookahead": 100}),
+    ("apd", {"apd_mixture_weight": 0.3, "kv_window": 2, "max_lookahead": 37}),
+    ("leftright", {"tokens_per_step": 4}),
+])
+def test_full_length_to_the_maximum_position(runtime_without_eos, torch_models, alg, settings):
+    dllm, verifier = torch_models
+    prompt, n = [3, 1, 4, 1, 5], 507  # 5 + 507 = the models' 512 positions
+    result = runtime_without_eos.generate(prompt, alg=alg, max_new_tokens=n, **settings)
+    if alg == "apd":
+        expected = reference_apd(dllm, verifier, prompt, n, settings["apd_mixture_weight"], settings["kv_window"],
+                                 settings["max_lookahead"], runtime_without_eos.mask_id, set())
+    else:
+        expected = reference_leftright(dllm, prompt, n, 4, 16, 100, runtime_without_eos.mask_id, set(), 272)
+    assert len(result.token_ids) == n
+    assert result.token_ids == expected
