@@ -33,10 +33,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def file_records(directory: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file under `directory` except the manifest, keyed by POSIX path."""
+def file_records(directory: Path, under: str = ".") -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file below `directory / under` except the manifest, keyed by
+    POSIX path relative to `directory`."""
     records = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    for path in sorted(p for p in (directory / under).rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
         if rel != MANIFEST:
             records[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -54,11 +55,24 @@ def validate_manifest(manifest: dict[str, Any], where: Path) -> None:
         raise BundleError(f"{where}: field '{field}': {exc.message}") from None
 
 
+def store_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Validate `manifest` and replace `directory`'s manifest with it in one rename."""
+    validate_manifest(manifest, directory / MANIFEST)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, directory / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Hash every file of `directory`, validate and write its manifest; returns the manifest."""
     manifest = {**manifest, "files": file_records(directory)}
-    validate_manifest(manifest, directory / MANIFEST)
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    store_manifest(directory, manifest)
     return manifest
 
 

@@ -140,13 +140,16 @@ def parse_prompt_ids(text: str) -> list[int]:
 @click.option("--seed", type=int, help="Seed for T > 0 (the same seed gives the same tokens).")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--engine", help="An engine of the bundle (apd-deploy build-engine)  [default: the ONNX graphs on the CPU]")
+@click.option("--array-backend", type=click.Choice(["numpy", "cupy"]),
+              help="Where sampling and acceptance run  [default: the engine's: cupy for GPU engines]")
 @click.option("--threads", type=int, help="onnxruntime threads per model  [default: half the cores, at most 4]")
 @click.option("--verify", type=click.Choice(["full", "remembered", "skip"]), default="remembered", show_default=True,
               help="Check the bundle's files against their sha256 (remembered: once per file version).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @user_errors
-def generate_command(bundle: str, prompt: str | None, prompt_ids: str | None, chat: bool, threads: int | None,
-                     verify: str, as_json: bool, **params: Any) -> None:
+def generate_command(bundle: str, prompt: str | None, prompt_ids: str | None, chat: bool, engine: str | None,
+                     array_backend: str | None, threads: int | None, verify: str, as_json: bool, **params: Any) -> None:
     """Generate from BUNDLE, streaming each step's accepted chunk (coloured in a terminal)."""
     from apd_deploy.errors import GenerationError
     from apd_deploy.runtime import Runtime
@@ -155,7 +158,7 @@ def generate_command(bundle: str, prompt: str | None, prompt_ids: str | None, ch
         raise GenerationError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if threads is not None and threads < 1:
         raise GenerationError(f"--threads must be at least 1, got {threads}")
-    runtime = Runtime.load(bundle, threads=threads, verify=verify)
+    runtime = Runtime.load(bundle, engine=engine, threads=threads, verify=verify, array_backend=array_backend)
     stream = runtime.stream(prompt if prompt is not None else parse_prompt_ids(prompt_ids), chat=chat, **params)
     if as_json:
         for _ in stream:
@@ -180,3 +183,29 @@ def generate_command(bundle: str, prompt: str | None, prompt_ids: str | None, ch
         f"{result.seconds:.3f} s, {result.tokens_per_second:.1f} tokens/s",
         err=True,
     )
+
+
+@cli.command("build-engine")
+@click.argument("bundle", type=click.Path())
+@click.option("--backend", required=True, help="tensorrt | onnxruntime")
+@click.option("--device", help="cpu | cuda  [default: cpu for onnxruntime, cuda for tensorrt]")
+@click.option("--precision", help="fp32 | fp16 | bf16  [default: the export's dtype]")
+@click.option("--max-batch", type=int, default=1, show_default=True, help="TensorRT: largest batch.")
+@click.option("--max-seq-len", type=int, help="TensorRT: longest prompt + generation  [default: the models' positions]")
+@click.option("--opt-window", type=int, help="TensorRT: window length to tune for  [default: W + M (dLLM), M (verifier)]")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache to reuse and update.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the engine's manifest record as JSON.")
+@user_errors
+def build_engine_command(bundle: str, backend: str, device: str | None, precision: str | None, max_batch: int,
+                         max_seq_len: int | None, opt_window: int | None, timing_cache: str | None, quiet: bool,
+                         as_json: bool) -> None:
+    """Build engines for BUNDLE's graphs and record them in its manifest (atomically)."""
+    from apd_deploy.engines.build import build_engine
+
+    name, record = build_engine(bundle, backend, device, precision, max_batch, max_seq_len, opt_window, timing_cache,
+                                report=progress_printer(quiet or as_json))
+    if as_json:
+        click.echo(json.dumps({"name": name, **record}, indent=2))
+    elif not quiet:
+        click.echo(f"engine '{name}' added to {bundle}; use it with: apd-deploy generate {bundle} --engine {name} ...")

@@ -19,3 +19,11 @@ class ExportCheckError(ApdDeployError):
 
 class GenerationError(ApdDeployError):
     """Generation parameters or a prompt that cannot be run as given."""
+
+
+class BackendUnavailable(ApdDeployError):
+    """A backend or package this machine lacks; the message says how to install it."""
+
+
+class EngineMismatch(ApdDeployError):
+    """An engine built for another TensorRT version or GPU; the message says to rebuild it."""

@@ -4,22 +4,26 @@ prefix on which the draft equals a sample of the mixture R·dLLM + (1-R)·AR is 
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
+from apd_deploy.runtime.arrays import to_host
 from apd_deploy.runtime.canvas import Canvas, Decoder, Step, WindowedDLLM
-from apd_deploy.runtime.engine import OrtDecoder
+from apd_deploy.runtime.engine import DecoderEngine
 from apd_deploy.runtime.sampling import pick
 
 
-def accepted_length(draft: np.ndarray, target: np.ndarray) -> int:
-    """The first drafted token is always accepted; then the prefix where draft == target."""
-    disagree = np.flatnonzero(draft[1:] != target[1:])
-    return 1 + (int(disagree[0]) if len(disagree) else len(draft) - 1)
+def accepted_length(xp: ModuleType, draft, target) -> int:
+    """The first drafted token is always accepted; then the prefix where draft == target.
+    One scalar crosses to the host."""
+    stop = xp.concatenate([draft[1:] != target[1:], xp.ones(1, dtype=bool)])
+    return 1 + int(xp.argmax(stop))
 
 
-def apd(canvas: Canvas, dllm: OrtDecoder, verifier: OrtDecoder,
+def apd(canvas: Canvas, dllm: DecoderEngine, verifier: DecoderEngine,
         mixture_weight: float, kv_window: int, max_lookahead: int) -> Decoder:
-    x, sampler, end = canvas.x, canvas.sampler, len(canvas.x)
+    x, sampler, xp, end = canvas.x, canvas.sampler, canvas.xp, len(canvas.x)
     window = WindowedDLLM(dllm, canvas, kv_window)
     ar_cache = verifier.new_cache(end)
     curr = canvas.prompt_len
@@ -28,24 +32,25 @@ def apd(canvas: Canvas, dllm: OrtDecoder, verifier: OrtDecoder,
         right = min(curr + max_lookahead, end)
         dllm_scores = sampler.scores(window.predict(curr, right))
         noise = sampler.noise(right - curr)
-        draft = pick(dllm_scores, noise)
+        draft = pick(xp, dllm_scores, noise)
 
         if ar_next is None:  # first step: prefill the prompt together with the draft
-            fed = np.concatenate([x[:curr], draft])
+            fed = xp.concatenate([xp.asarray(x[:curr]), draft])
             logits, new_kv = canvas.run("verifier", verifier, fed, ar_cache)
             ar = logits[curr - 1 : right - 1]
         else:  # the cache holds [0, curr): feed the draft only
             logits, new_kv = canvas.run("verifier", verifier, draft, ar_cache)
-            ar = np.concatenate([ar_next[None], logits[: right - curr - 1]])
+            ar = xp.concatenate([ar_next[None], logits[: right - curr - 1]])
         ar = ar[:, : canvas.vocab_size]
 
         if not sampler.params.greedy:
             ar = ar / np.float32(sampler.params.temperature)
         # R = 0 must not meet the -inf of top-p/top-k filtered dLLM scores (0 * -inf is nan).
         target_scores = ar if mixture_weight == 0 else mixture_weight * dllm_scores + (1 - mixture_weight) * ar
-        accepted = accepted_length(draft, pick(target_scores, noise))
+        accepted = accepted_length(xp, draft, pick(xp, target_scores, noise))
 
-        x[curr : curr + accepted] = draft[:accepted]
+        committed = to_host(draft[:accepted])
+        x[curr : curr + accepted] = committed
         # Keep the verifier's cache up to the accepted prefix: those keys were computed from
         # exactly the tokens now committed.
         ar_cache.append(new_kv, curr + accepted - ar_cache.length)
@@ -53,4 +58,4 @@ def apd(canvas: Canvas, dllm: OrtDecoder, verifier: OrtDecoder,
         ar_next = logits[curr + accepted - 1 - (right - len(logits))]
         window.advance(curr)
         curr += accepted
-        yield Step(accepted, draft[:accepted])
+        yield Step(accepted, committed)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
 
-from apd_deploy.runtime.engine import OrtDecoder
+from apd_deploy.runtime.engine import DecoderEngine
 from apd_deploy.runtime.kv_cache import KVCache
 from apd_deploy.runtime.sampling import Sampler
 
@@ -18,27 +19,29 @@ class Step:
     generation grew by `tokens` (the same tokens, for left-to-right algorithms)."""
 
     committed: int
-    tokens: np.ndarray
+    tokens: np.ndarray  # on the host
 
 
 @dataclass
 class Canvas:
-    """The sequence being generated: prompt followed by masks, filled in as decoding commits."""
+    """The sequence being generated: prompt followed by masks, filled in as decoding commits.
+    `x` lives on the host; logits, drafts and sampling live on the engines' array module `xp`."""
 
     x: np.ndarray
     prompt_len: int
     mask_id: int
     vocab_size: int  # sampling is restricted to the ids both models know (the verifier's vocabulary)
     sampler: Sampler
+    xp: ModuleType
     forwards: dict[str, int] = field(default_factory=lambda: {"dllm": 0, "verifier": 0})
 
     @classmethod
     def start(cls, prompt: np.ndarray, max_new_tokens: int, mask_id: int, vocab_size: int, sampler: Sampler) -> Canvas:
         x = np.full(len(prompt) + max_new_tokens, mask_id, dtype=np.int64)
         x[: len(prompt)] = prompt
-        return cls(x, len(prompt), mask_id, vocab_size, sampler)
+        return cls(x, len(prompt), mask_id, vocab_size, sampler, sampler.xp)
 
-    def run(self, role: str, engine: OrtDecoder, ids: np.ndarray, cache: KVCache):
+    def run(self, role: str, engine: DecoderEngine, ids, cache: KVCache):
         self.forwards[role] += 1
         return engine.run(ids, cache)
 
@@ -51,13 +54,13 @@ class WindowedDLLM:
     [0, left), and afterwards keeps the positions up to `curr - W + 1`, so that the next step
     recomputes the last W committed positions plus the newly committed ones."""
 
-    def __init__(self, engine: OrtDecoder, canvas: Canvas, kv_window: int) -> None:
+    def __init__(self, engine: DecoderEngine, canvas: Canvas, kv_window: int) -> None:
         self.engine, self.canvas, self.kv_window = engine, canvas, kv_window
         self.cache = engine.new_cache(len(canvas.x))
         self.left = 0
         self._new_kv = None
 
-    def predict(self, curr: int, right: int) -> np.ndarray:
+    def predict(self, curr: int, right: int):
         """Logits predicting positions curr..right-1. Dream's logits are shifted: the output row
         of position j-1 predicts token j (curr > left always, so row j-1 is in the window)."""
         self.cache.crop(self.left)

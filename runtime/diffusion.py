@@ -4,28 +4,31 @@ masked positions the dLLM is most sure of are unmasked first, following Dream's 
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
+from apd_deploy.runtime.arrays import to_host
 from apd_deploy.runtime.canvas import Canvas, Decoder, Step
-from apd_deploy.runtime.engine import OrtDecoder
+from apd_deploy.runtime.engine import DecoderEngine
 from apd_deploy.runtime.sampling import pick, softmax
 
 ORDERS = ("confidence", "entropy", "margin")
 EPS = 1e-3
 
 
-def confidence(probs: np.ndarray, tokens: np.ndarray, order: str) -> np.ndarray:
+def confidence(xp: ModuleType, probs, tokens, order: str):
     """How sure the dLLM is of each sampled token (higher first), as Dream scores it."""
     if order == "confidence":  # Dream's maskgit_plus
-        return np.take_along_axis(probs, tokens[:, None], axis=-1)[:, 0]
+        return xp.take_along_axis(probs, tokens[:, None], axis=-1)[:, 0]
     if order == "margin":  # topk_margin
-        top2 = np.partition(probs, -2, axis=-1)[:, -2:]
+        top2 = xp.partition(probs, -2, axis=-1)[:, -2:]
         return top2[:, 1] - top2[:, 0]
-    return (probs * np.log(probs + 1e-10)).sum(axis=-1)  # entropy: negative entropy
+    return (probs * xp.log(probs + 1e-10)).sum(axis=-1)  # entropy: negative entropy
 
 
-def diffusion(canvas: Canvas, dllm: OrtDecoder, steps: int, order: str) -> Decoder:
-    x, sampler = canvas.x, canvas.sampler
+def diffusion(canvas: Canvas, dllm: DecoderEngine, steps: int, order: str) -> Decoder:
+    x, sampler, xp = canvas.x, canvas.sampler, canvas.xp
     empty = dllm.new_cache(0)
     timesteps = np.linspace(1, EPS, steps + 1)
     decided = canvas.prompt_len  # end of the contiguous unmasked prefix
@@ -36,13 +39,13 @@ def diffusion(canvas: Canvas, dllm: OrtDecoder, steps: int, order: str) -> Decod
             return
         logits, _ = canvas.run("dllm", dllm, x, empty)
         # Shifted logits: the row of position j-1 predicts j.
-        scores = sampler.scores(logits[masked - 1, : canvas.vocab_size])
-        tokens = pick(scores, sampler.noise(len(masked)))
-        sure = confidence(softmax(scores), tokens, order)
+        scores = sampler.scores(logits[xp.asarray(masked - 1), : canvas.vocab_size])
+        tokens = pick(xp, scores, sampler.noise(len(masked)))
+        sure = confidence(xp, softmax(xp, scores), tokens, order)
         t, s = timesteps[i], timesteps[i + 1]
         count = int(len(masked) * (1 - s / t)) if i < steps - 1 else len(masked)
-        chosen = np.argsort(-sure, kind="stable")[:count]
-        x[masked[chosen]] = tokens[chosen]
+        chosen = xp.argsort(-sure, kind="stable")[:count]
+        x[masked[to_host(chosen)]] = to_host(tokens[chosen])
         start = decided
         while decided < len(x) and x[decided] != canvas.mask_id:
             decided += 1

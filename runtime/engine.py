@@ -1,15 +1,23 @@
-"""Run one exported decoder graph with onnxruntime."""
+"""Engine backends: run one exported decoder graph, behind one small interface.
+
+Every backend takes token ids and a `KVCache` and returns logits and the window's keys/values
+as arrays of its array module (`xp`): numpy for onnxruntime on the CPU, cupy for onnxruntime's
+CUDA provider (I/O bound to device buffers) and for TensorRT (`tensorrt_engine.py`). The cache
+buffer lives where the engine reads it.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol
 
 import numpy as np
 
 from apd_deploy.errors import BundleError
+from apd_deploy.runtime.arrays import to_host
 from apd_deploy.runtime.kv_cache import KVCache
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -37,24 +45,46 @@ class DecoderSpec:
                    tuple(past["shape"][2:]), past["dtype"])
 
 
-class OrtDecoder:
-    """One onnxruntime session over a decoder graph. `run` is safe to call from several threads:
-    all per-request state (the cache) is passed in."""
+class DecoderEngine(Protocol):
+    spec: DecoderSpec
+    xp: ModuleType
 
-    def __init__(self, graph: Path, spec: DecoderSpec, threads: int | None = None) -> None:
+    def new_cache(self, capacity: int) -> KVCache: ...
+
+    def run(self, ids, cache: KVCache) -> tuple[Any, Any]:
+        """Feed `ids` (1-D, host or device) at the positions right after `cache`; returns logits
+        [n, vocab] and the window's keys/values [1, n, ...]. The cache itself is not changed."""
+
+
+def _session_options(threads: int | None, options: dict[str, Any] | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    level = (options or {}).get("graph_optimization_level")
+    if level:
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    return so
+
+
+class OrtCpuDecoder:
+    """onnxruntime on the CPU. With `xp` = cupy the logits are moved to the GPU after each call,
+    which only makes sense to exercise the cupy array backend on a machine without a GPU engine."""
+
+    def __init__(self, graph: Path, spec: DecoderSpec, threads: int | None = None,
+                 session_options: dict[str, Any] | None = None, xp: ModuleType = np) -> None:
         import onnxruntime as ort
 
         if spec.kv_dtype not in NUMPY_DTYPES:
             raise BundleError(
                 f"{graph}: its KV cache is {spec.kv_dtype}, which onnxruntime's CPU provider cannot run; "
-                "export with --dtype fp32 or fp16 for CPU"
+                "export with --dtype fp32 or fp16 for CPU, or build a TensorRT engine"
             )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        self.spec = spec
+        self.session = ort.InferenceSession(str(graph), _session_options(threads, session_options),
+                                            providers=["CPUExecutionProvider"])
+        self.spec, self.xp = spec, xp
         self.kv_dtype = np.dtype(NUMPY_DTYPES[spec.kv_dtype])
         self._positions = np.arange(spec.max_positions, dtype=np.int64)[None]
         self._ones = np.ones((1, spec.max_positions), dtype=np.int64)
@@ -62,9 +92,8 @@ class OrtDecoder:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(capacity, self.spec.kv_shape, self.kv_dtype)
 
-    def run(self, ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
-        """Feed `ids` (1-D) at the positions right after `cache`; returns logits [n, vocab] and
-        the window's keys/values [1, n, ...]. The cache itself is not changed."""
+    def run(self, ids, cache: KVCache):
+        ids = to_host(ids)
         start, n = cache.length, len(ids)
         feed = {
             "input_ids": ids.reshape(1, n),
@@ -73,4 +102,55 @@ class OrtDecoder:
             "past_kv": cache.past(),
         }
         logits, new_kv = self.session.run(["logits", "new_kv"], feed)
+        return (logits[0] if self.xp is np else self.xp.asarray(logits[0])), new_kv
+
+
+class OrtCudaDecoder:
+    """onnxruntime's CUDA provider with I/O binding: ids, caches and logits stay in cupy buffers
+    on the GPU; nothing is copied to the host here."""
+
+    def __init__(self, graph: Path, spec: DecoderSpec, threads: int | None = None,
+                 session_options: dict[str, Any] | None = None) -> None:
+        import onnxruntime as ort
+
+        from apd_deploy.accelerators import require_cupy, require_ort_cuda
+
+        if spec.kv_dtype not in NUMPY_DTYPES:
+            raise BundleError(
+                f"{graph}: its KV cache is {spec.kv_dtype}, which onnxruntime's I/O binding cannot take from "
+                "Python (no numpy dtype); build a TensorRT engine for bf16, or export fp16"
+            )
+        require_ort_cuda()
+        self.xp = cupy = require_cupy()
+        self.session = ort.InferenceSession(str(graph), _session_options(threads, session_options),
+                                            providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
+        self.spec = spec
+        self.kv_dtype = np.dtype(NUMPY_DTYPES[spec.kv_dtype])
+        self._positions = cupy.arange(spec.max_positions, dtype=np.int64)[None]
+        self._ones = cupy.ones((1, spec.max_positions), dtype=np.int64)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(capacity, self.spec.kv_shape, self.kv_dtype, xp=self.xp)
+
+    @staticmethod
+    def _bind(binding, name: str, array, output: bool = False) -> None:
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, "cuda", 0, array.dtype, list(array.shape), array.data.ptr)
+
+    def run(self, ids, cache: KVCache):
+        cupy = self.xp
+        ids = cupy.asarray(ids, dtype=np.int64).reshape(1, -1)
+        start, n = cache.length, ids.shape[1]
+        logits = cupy.empty((1, n, self.spec.vocab_size), dtype=np.float32)
+        new_kv = cupy.empty((1, n, *self.spec.kv_shape), dtype=self.kv_dtype)
+        binding = self.session.io_binding()
+        self._bind(binding, "input_ids", ids)
+        self._bind(binding, "position_ids", cupy.ascontiguousarray(self._positions[:, start : start + n]))
+        self._bind(binding, "attention_mask", self._ones[:, : start + n])
+        self._bind(binding, "past_kv", cache.past())
+        self._bind(binding, "logits", logits, output=True)
+        self._bind(binding, "new_kv", new_kv, output=True)
+        # cupy wrote the inputs on its stream; onnxruntime reads them on its own.
+        cupy.cuda.get_current_stream().synchronize()
+        self.session.run_with_iobinding(binding)
         return logits[0], new_kv

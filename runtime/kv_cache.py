@@ -12,13 +12,15 @@ import numpy as np
 
 class KVCache:
     def __init__(self, capacity: int, kv_shape: tuple[int, ...], dtype: np.dtype, xp=np) -> None:
-        # zeros, not empty: the pages stay untouched (and unallocated) until written.
-        self.buffer = xp.zeros((1, capacity, *kv_shape), dtype=dtype)
+        # zeros, not empty: the pages stay untouched (and unallocated) until written. At least one
+        # position, so that even an empty cache has a real address to hand to an engine.
+        self.buffer = xp.zeros((1, max(capacity, 1), *kv_shape), dtype=dtype)
+        self._capacity = capacity
         self.length = 0
 
     @property
     def capacity(self) -> int:
-        return self.buffer.shape[1]
+        return self._capacity
 
     def past(self):
         return self.buffer[:, : self.length]

@@ -21,7 +21,8 @@ from apd_deploy.runtime.apd import apd
 from apd_deploy.runtime.autoregressive import autoregressive
 from apd_deploy.runtime.canvas import Canvas, Decoder
 from apd_deploy.runtime.diffusion import diffusion
-from apd_deploy.runtime.engine import DecoderSpec, OrtDecoder
+from apd_deploy.runtime.arrays import array_module
+from apd_deploy.runtime.engine import DecoderEngine, DecoderSpec, OrtCpuDecoder, OrtCudaDecoder
 from apd_deploy.runtime.leftright import leftright
 from apd_deploy.runtime.params import GenerationParams
 from apd_deploy.runtime.sampling import Sampler, SamplingParams
@@ -64,26 +65,38 @@ class Generation:
 
 
 class Runtime:
-    def __init__(self, bundle: Path, manifest: dict[str, Any], dllm: OrtDecoder, verifier: OrtDecoder,
-                 tokenizer: BundleTokenizer | None) -> None:
+    def __init__(self, bundle: Path, manifest: dict[str, Any], dllm: DecoderEngine, verifier: DecoderEngine,
+                 tokenizer: BundleTokenizer | None, max_seq_len: int | None = None) -> None:
         self.bundle, self.manifest = bundle, manifest
         self.dllm, self.verifier, self.tokenizer = dllm, verifier, tokenizer
+        self.xp = dllm.xp
         special = manifest["special_tokens"]
         self.mask_id, self.eos_ids = special["mask"], frozenset(special["eos"])
         self.vocab_size = verifier.spec.vocab_size
-        self.max_positions = min(dllm.spec.max_positions, verifier.spec.max_positions)
+        self.max_positions = min(dllm.spec.max_positions, verifier.spec.max_positions, max_seq_len or 1 << 62)
         self.defaults = GenerationParams(**manifest["apd_defaults"])
 
     @classmethod
-    def load(cls, bundle: str | Path, threads: int | None = None, verify: str = "remembered") -> Runtime:
-        """Load `bundle`. `verify`: 'full' hashes every file, 'remembered' (default) skips files
-        whose size and modification time match an earlier full check, 'skip' trusts the files."""
+    def load(cls, bundle: str | Path, engine: str | None = None, threads: int | None = None,
+             verify: str = "remembered", array_backend: str | None = None) -> Runtime:
+        """Load `bundle`.
+
+        engine: a name from the manifest's `engines` (see `apd-deploy build-engine`), or None to
+          run the exported ONNX graphs with onnxruntime on the CPU.
+        verify: 'full' hashes every file, 'remembered' (default) skips files whose size and
+          modification time match an earlier full check, 'skip' trusts the files.
+        array_backend: 'numpy' or 'cupy' for sampling and acceptance; by default the engine's
+          (cupy for GPU engines). cupy over a CPU engine exercises the GPU sampling code.
+        """
         bundle = Path(bundle)
         manifest = read_manifest(bundle, verify=verify)
         specs = {role: DecoderSpec.from_manifest(manifest["models"][role]) for role in ("dllm", "verifier")}
         _check_pair(bundle, manifest, specs)
-        engines = {role: OrtDecoder(bundle / manifest["models"][role]["graph"], specs[role], threads) for role in specs}
-        return cls(bundle, manifest, engines["dllm"], engines["verifier"], BundleTokenizer.from_bundle(bundle, manifest))
+        record = _engine_record(bundle, manifest, engine)
+        engines = {role: _open_engine(bundle, manifest, engine, record, role, specs[role], threads, array_backend)
+                   for role in specs}
+        return cls(bundle, manifest, engines["dllm"], engines["verifier"], BundleTokenizer.from_bundle(bundle, manifest),
+                   record.get("max_seq_len") if record else None)
 
     def params(self, **overrides: Any) -> GenerationParams:
         """Generation parameters: the bundle's APD defaults with `overrides` (None = default)."""
@@ -130,7 +143,7 @@ class Runtime:
                 f"{self.max_positions} positions; use --max-new-tokens {max(self.max_positions - len(ids), 0)} or less"
                 + (" (the prompt alone is too long)" if len(ids) >= self.max_positions else "")
             )
-        sampler = Sampler(p.sampling, self.vocab_size)
+        sampler = Sampler(p.sampling, self.vocab_size, self.xp)
         canvas = Canvas.start(ids, p.max_new_tokens, self.mask_id, self.vocab_size, sampler)
         generation = Generation(iter(()))
         generation._chunks = self._run(self._decoder(canvas, p), canvas, generation)
@@ -178,6 +191,31 @@ class Runtime:
             tokens_per_second=len(generated) / seconds if seconds > 0 else 0.0,
             seed=canvas.sampler.seed if not canvas.sampler.params.greedy else None,
         )
+
+
+def _engine_record(bundle: Path, manifest: dict[str, Any], engine: str | None) -> dict[str, Any] | None:
+    if engine is None:
+        return None
+    engines = manifest.get("engines", {})
+    if engine not in engines:
+        available = ", ".join(engines) or "none; build one with apd-deploy build-engine"
+        raise BundleError(f"{bundle}: no engine named '{engine}' in manifest.json 'engines' (available: {available})")
+    return engines[engine]
+
+
+def _open_engine(bundle: Path, manifest: dict[str, Any], name: str | None, record: dict[str, Any] | None, role: str,
+                 spec: DecoderSpec, threads: int | None, array_backend: str | None) -> DecoderEngine:
+    if record is None or (record["backend"] == "onnxruntime" and record["device"] == "cpu"):
+        graph = bundle / (record["graphs"][role] if record else manifest["models"][role]["graph"])
+        options = record.get("session_options") if record else None
+        return OrtCpuDecoder(graph, spec, threads, options, array_module(array_backend or "numpy"))
+    if array_backend == "numpy":
+        raise GenerationError(f"engine '{name}' runs on the GPU and hands its logits to cupy; drop --array-backend numpy")
+    if record["backend"] == "onnxruntime":
+        return OrtCudaDecoder(bundle / record["graphs"][role], spec, threads, record.get("session_options"))
+    from apd_deploy.runtime.tensorrt_engine import TensorRTDecoder
+
+    return TensorRTDecoder(name, bundle / record["graphs"][role], spec, record, role)
 
 
 def _check_pair(bundle: Path, manifest: dict[str, Any], specs: dict[str, DecoderSpec]) -> None:

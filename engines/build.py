@@ -1,0 +1,111 @@
+"""`apd-deploy build-engine`: add an engine pair to a bundle and record it in the manifest.
+
+The bundle is updated atomically: the engine is built in a staging folder inside the bundle, moved
+into `engines/<name>/`, and committed by one rename of the new manifest. Until that rename the
+bundle reads exactly as before; after a failure it is restored.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from apd_deploy.bundle import file_records, read_manifest, store_manifest
+from apd_deploy.engines.onnxruntime_build import build_onnxruntime
+from apd_deploy.engines.profiles import derive_profiles
+from apd_deploy.engines.tensorrt_build import build_tensorrt
+from apd_deploy.errors import ApdDeployError
+
+BACKENDS = ("onnxruntime", "tensorrt")
+DEVICES = {"onnxruntime": ("cpu", "cuda"), "tensorrt": ("cuda",)}
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def engine_name(backend: str, device: str, precision: str) -> str:
+    return f"{backend}-{device}-{precision}"
+
+
+def build_engine(
+    bundle: str | Path,
+    backend: str,
+    device: str | None = None,
+    precision: str | None = None,
+    max_batch: int = 1,
+    max_seq_len: int | None = None,
+    opt_window: int | None = None,
+    timing_cache: str | Path | None = None,
+    report: Callable[[str], None] = lambda _: None,
+) -> tuple[str, dict[str, Any]]:
+    """Build an engine pair into `bundle`; returns its name and manifest record."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle, verify="full")
+    if backend not in BACKENDS:
+        raise ApdDeployError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = device or DEVICES[backend][0]
+    if device not in DEVICES[backend]:
+        raise ApdDeployError(f"--device {device}: the {backend} backend runs on {' or '.join(DEVICES[backend])}")
+    precision = precision or manifest["export"]["dtype"]
+    if precision not in PRECISIONS:
+        raise ApdDeployError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    model_positions = min(m["config"]["max_position_embeddings"] for m in manifest["models"].values())
+    max_seq_len = max_seq_len or model_positions
+    for flag, value, low in (("--max-batch", max_batch, 1), ("--max-seq-len", max_seq_len, 2), ("--opt-window", opt_window, 1)):
+        if value is not None and value < low:
+            raise ApdDeployError(f"{flag} must be at least {low}, got {value}")
+    if max_seq_len > model_positions:
+        raise ApdDeployError(f"--max-seq-len {max_seq_len} exceeds the models' {model_positions} positions")
+
+    name = engine_name(backend, device, precision)
+    engines_dir = bundle / "engines"
+    created_engines_dir = not engines_dir.exists()
+    engines_dir.mkdir(exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=engines_dir))
+    final, retired, moved_in = engines_dir / name, None, False
+    try:
+        report(f"building {name} ...")
+        if backend == "onnxruntime":
+            record = build_onnxruntime(bundle, manifest, device, precision, staging)
+        else:
+            defaults = manifest["apd_defaults"]
+            profiles = {role: derive_profiles(role, max_seq_len, defaults["kv_window"], defaults["max_lookahead"],
+                                              max_batch, opt_window) for role in ("dllm", "verifier")}
+            cache_file = Path(timing_cache) if timing_cache else final / "timing.cache"
+            previous = cache_file.read_bytes() if cache_file.is_file() else b""
+            record, cache = build_tensorrt(bundle, manifest, precision, profiles, max_batch, max_seq_len, previous, staging)
+            (staging / "timing.cache").write_bytes(cache)
+            if timing_cache:
+                Path(timing_cache).write_bytes(cache)
+            record["timing_cache"] = f"engines/{name}/timing.cache"
+        record["graphs"] = {role: f"engines/{name}/{path}" for role, path in record["graphs"].items()}
+        staging.chmod(0o755)
+        if final.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=engines_dir)) / name
+            os.replace(final, retired)
+        os.replace(staging, final)
+        moved_in = True
+        files = {k: v for k, v in manifest["files"].items() if not k.startswith(f"engines/{name}/")}
+        files.update(file_records(bundle, f"engines/{name}"))
+        engines = {**manifest.get("engines", {}), name: record}
+        store_manifest(bundle, {**manifest, "engines": engines, "files": files})
+    except BaseException:
+        if moved_in:
+            shutil.rmtree(final)
+        if retired is not None:
+            os.replace(retired, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        _cleanup(retired, engines_dir if created_engines_dir else None)
+        raise
+    _cleanup(retired, None)
+    report(f"built {name} in {bundle / 'engines' / name}")
+    return name, record
+
+
+def _cleanup(retired: Path | None, created_dir: Path | None) -> None:
+    if retired is not None:
+        shutil.rmtree(retired.parent, ignore_errors=True)
+    if created_dir is not None and not any(created_dir.iterdir()):
+        created_dir.rmdir()

@@ -1,0 +1,60 @@
+"""TensorRT optimisation profiles, derived from the model and the APD parameters.
+
+The shapes each graph sees during decoding are known in advance:
+- the first step (prefill) feeds a whole window from an empty cache: the dLLM gets the prompt
+  plus M lookahead positions (Dream's own diffusion decoding: the whole canvas), the verifier
+  the prompt plus the draft;
+- later steps (steady state) feed the dLLM the last W committed positions, the up to M just
+  accepted, and M lookahead positions (at most W + 2M - 1) over a cache of any length, and the
+  verifier at most M drafted tokens (1 for AR decoding) over a cache of at least one position.
+Two profiles, one per regime, let TensorRT tune kernels for the short steady-state windows
+instead of for the longest possible prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+Range = tuple[int, int, int]  # (min, opt, max)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    batch: Range
+    seq_len: Range
+    past_len: Range
+
+    def input_shapes(self, kv_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """(min, opt, max) shape of every graph input under this profile."""
+        total = tuple(s + p for s, p in zip(self.seq_len, self.past_len))
+        per_point = range(3)
+        return {
+            "input_ids": tuple((self.batch[i], self.seq_len[i]) for i in per_point),
+            "position_ids": tuple((self.batch[i], self.seq_len[i]) for i in per_point),
+            "attention_mask": tuple((self.batch[i], total[i]) for i in per_point),
+            "past_kv": tuple((self.batch[i], self.past_len[i], *kv_shape) for i in per_point),
+        }
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _range(low: int, opt: int, high: int) -> Range:
+    return (low, min(max(opt, low), high), high)
+
+
+def derive_profiles(role: str, max_seq_len: int, kv_window: int, max_lookahead: int,
+                    max_batch: int = 1, opt_window: int | None = None) -> list[Profile]:
+    """Steady state first: the runtime picks the first profile that holds a call."""
+    batch = _range(1, 1, max_batch)
+    if role == "dllm":
+        steady_window = min(kv_window + 2 * max_lookahead - 1, max_seq_len)
+        opt = opt_window or kv_window + max_lookahead
+        steady = Profile("steady", batch, _range(1, opt, steady_window), _range(0, max_seq_len // 2, max_seq_len - 1))
+    else:
+        steady_window = min(max_lookahead, max_seq_len - 1)
+        opt = opt_window or max_lookahead
+        steady = Profile("steady", batch, _range(1, opt, steady_window), _range(1, max_seq_len // 2, max_seq_len - 1))
+    prefill = Profile("prefill", batch, _range(1, max_lookahead + 128, max_seq_len), (0, 0, 0))
+    return [steady, prefill]
