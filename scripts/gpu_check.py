@@ -1,0 +1,95 @@
+"""GPU check: build engines for a tiny bundle, generate with every backend this machine has, and
+compare the tokens with the CPU numpy run at temperature 0. Prints a table; each backend whose
+package or GPU is missing is skipped with the reason. Exit status 1 if a backend that ran
+produced other tokens. Meant to finish well under ten minutes on one GPU.
+
+    bash scripts/gpu_check.sh [--bundle DIR] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from apd_deploy.errors import ApdDeployError, BackendUnavailable
+from apd_deploy.runtime import Runtime
+
+PROMPTS = ([72, 101, 108, 108, 111], list(range(30, 47)))
+RUNS = (("apd", {}), ("apd", {"apd_mixture_weight": 0.3, "kv_window": 4, "max_lookahead": 16}),
+        ("leftright", {"tokens_per_step": 2}), ("diffusion", {"steps": 24}), ("ar", {}))
+# (label, build-engine arguments or None for the bundle's own graphs, Runtime.load arguments)
+BACKENDS = (
+    ("onnxruntime CPU engine, numpy", ("onnxruntime", "cpu", "fp32"), {"engine": "onnxruntime-cpu-fp32"}),
+    ("onnxruntime CPU graphs, cupy sampling", None, {"array_backend": "cupy"}),
+    ("onnxruntime CUDA engine, cupy", ("onnxruntime", "cuda", "fp32"), {"engine": "onnxruntime-cuda-fp32"}),
+    ("TensorRT fp32 engine, cupy", ("tensorrt", "cuda", "fp32"), {"engine": "tensorrt-cuda-fp32"}),
+)
+
+
+def tiny_bundle(work: Path) -> Path:
+    from apd_deploy.export.pipeline import export_bundle
+    from apd_deploy.export.tiny import make_tiny
+
+    pair = make_tiny(work / "pair", overwrite=True)
+    export_bundle(pair / "dllm", pair / "verifier", work / "bundle", overwrite=True)
+    return work / "bundle"
+
+
+def generations(runtime: Runtime, max_new_tokens: int) -> tuple[list[list[int]], float]:
+    tokens, count, started = [], 0, time.perf_counter()
+    for prompt in PROMPTS:
+        for alg, params in RUNS:
+            ids = runtime.generate(prompt, alg=alg, max_new_tokens=max_new_tokens, **params).token_ids
+            tokens.append(ids)
+            count += len(ids)
+    return tokens, count / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, help="a bundle to check (copied); default: export a tiny random pair")
+    parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="apd-gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.bundle:
+        bundle = work / "bundle"
+        shutil.rmtree(bundle, ignore_errors=True)
+        shutil.copytree(args.bundle, bundle)
+    else:
+        bundle = tiny_bundle(work)
+
+    from apd_deploy.engines.build import build_engine
+
+    expected, speed = generations(Runtime.load(bundle), args.max_new_tokens)
+    rows = [("onnxruntime CPU graphs, numpy (reference)", "ran", "-", f"{speed:.0f}")]
+    differed = False
+    for label, build, load in BACKENDS:
+        try:
+            if build:
+                build_engine(bundle, *build)
+            tokens, speed = generations(Runtime.load(bundle, **load), args.max_new_tokens)
+        except BackendUnavailable as exc:
+            rows.append((label, "skipped", str(exc), "-"))
+            continue
+        except ApdDeployError as exc:
+            rows.append((label, "failed", str(exc), "-"))
+            differed = True
+            continue
+        same = sum(a == b for a, b in zip(tokens, expected))
+        differed |= same != len(expected)
+        rows.append((label, "ran", f"{same}/{len(expected)} generations identical", f"{speed:.0f}"))
+
+    widths = [max(len(r[i]) for r in rows + [("backend", "status", "tokens vs CPU numpy", "tokens/s")]) for i in range(4)]
+    for row in [("backend", "status", "tokens vs CPU numpy", "tokens/s"), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    return 1 if differed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""build-engine and the engine backends: what runs here (onnxruntime on the CPU), and every part
+of the GPU paths that can be checked without a GPU: profiles, records, refusals, missing packages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from apd_deploy import accelerators
+from apd_deploy.bundle import read_manifest, sha256_file, store_manifest
+from apd_deploy.engines import build as build_module
+from apd_deploy.engines.build import build_engine
+from apd_deploy.engines.profiles import derive_profiles
+from apd_deploy.engines.tensorrt_build import precision_plan, tensorrt_record
+from apd_deploy.errors import ApdDeployError, BackendUnavailable, EngineMismatch, GenerationError
+from apd_deploy.runtime import Runtime
+from apd_deploy.runtime.tensorrt_engine import check_engine_record, select_profile
+
+PROMPT = [72, 101, 108, 108, 111]
+CLI = str(Path(sys.executable).with_name("apd-deploy"))
+
+
+def _has_tensorrt() -> bool:
+    try:
+        accelerators.require_tensorrt()
+        return True
+    except BackendUnavailable:
+        return False
+
+
+def _has_ort_cuda() -> bool:
+    try:
+        accelerators.require_ort_cuda()
+        return True
+    except BackendUnavailable:
+        return False
+
+
+def _has_cuda_cupy() -> bool:
+    try:
+        accelerators.require_cupy()
+        return True
+    except BackendUnavailable:
+        return False
+
+
+def _snapshot(bundle: Path) -> dict[str, str]:
+    return {p.relative_to(bundle).as_posix(): sha256_file(p) for p in sorted(bundle.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def bundle(tiny_bundle, tmp_path):
+    return shutil.copytree(tiny_bundle, tmp_path / "b")
+
+
+@pytest.fixture(scope="module")
+def engine_bundle(tiny_bundle, tmp_path_factory):
+    copy = shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("engine") / "b")
+    build_engine(copy, "onnxruntime", "cpu")
+    return copy
+
+
+def test_onnxruntime_cpu_engine_is_recorded_and_hashed(engine_bundle):
+    manifest = read_manifest(engine_bundle, verify="full")
+    record = manifest["engines"]["onnxruntime-cpu-fp32"]
+    assert record["backend"] == "onnxruntime" and record["device"] == "cpu" and record["array_backend"] == "numpy"
+    assert record["graphs"] == {"dllm": "engines/onnxruntime-cpu-fp32/dllm.onnx",
+                                "verifier": "engines/onnxruntime-cpu-fp32/verifier.onnx"}
+    assert record["session_options"] == {"graph_optimization_level": "ORT_DISABLE_ALL"}
+    assert record["built_with"]["execution_provider"] == "CPUExecutionProvider"
+    for path in record["graphs"].values():
+        assert manifest["files"][path]["sha256"] == sha256_file(engine_bundle / path)
+
+
+@pytest.mark.parametrize("alg, params", [
+    ("apd", {}), ("apd", {"apd_mixture_weight": 0.4, "kv_window": 3, "max_lookahead": 20}),
+    ("leftright", {"tokens_per_step": 2}), ("diffusion", {"steps": 16}), ("ar", {}),
+])
+def test_engine_generates_the_same_tokens_as_the_graphs(engine_bundle, alg, params):
+    graphs = Runtime.load(engine_bundle)
+    engine = Runtime.load(engine_bundle, engine="onnxruntime-cpu-fp32")
+    for prompt in (PROMPT, list(range(40, 60))):
+        assert (engine.generate(prompt, alg=alg, max_new_tokens=120, **params).token_ids
+                == graphs.generate(prompt, alg=alg, max_new_tokens=120, **params).token_ids)
+
+
+def test_rebuild_replaces_the_engine(bundle):
+    build_engine(bundle, "onnxruntime")
+    first = read_manifest(bundle)
+    build_engine(bundle, "onnxruntime")
+    second = read_manifest(bundle)
+    assert list(second["engines"]) == ["onnxruntime-cpu-fp32"] and second["files"].keys() == first["files"].keys()
+    assert sorted(p.name for p in (bundle / "engines").iterdir()) == ["onnxruntime-cpu-fp32"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(backend="onnxruntime", precision="fp16"), "re-export with `apd-deploy export --dtype fp16`"),
+    pytest.param(dict(backend="onnxruntime", device="cuda"), "onnxruntime's CUDA provider is not available",
+                 marks=pytest.mark.skipif(_has_ort_cuda(), reason="this machine has onnxruntime's CUDA provider")),
+    pytest.param(dict(backend="tensorrt"), "TensorRT is not installed",
+                 marks=pytest.mark.skipif(_has_tensorrt(), reason="this machine has TensorRT")),
+    (dict(backend="tensorrt", device="cpu"), "the tensorrt backend runs on cuda"),
+    (dict(backend="openvino"), "--backend must be one of"),
+    (dict(backend="onnxruntime", max_seq_len=4096), "exceeds the models' 512 positions"),
+])
+def test_failed_builds_leave_the_bundle_as_it_was(bundle, args, message):
+    before = _snapshot(bundle)
+    with pytest.raises(ApdDeployError, match=message):
+        build_engine(bundle, **args)
+    assert _snapshot(bundle) == before
+    assert not (bundle / "engines").exists() and not list(bundle.rglob(".*"))
+
+
+def test_a_failure_at_the_commit_restores_the_previous_engine(bundle, monkeypatch):
+    build_engine(bundle, "onnxruntime")
+    before = _snapshot(bundle)
+
+    def broken(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(build_module, "store_manifest", broken)
+    with pytest.raises(OSError, match="disk full"):
+        build_engine(bundle, "onnxruntime")
+    assert _snapshot(bundle) == before
+    assert sorted(p.name for p in (bundle / "engines").iterdir()) == ["onnxruntime-cpu-fp32"]
+
+
+def test_profiles_follow_the_apd_parameters():
+    dllm = {p.name: p for p in derive_profiles("dllm", 2048, kv_window=16, max_lookahead=100, max_batch=4)}
+    assert dllm["steady"].seq_len == (1, 116, 215)  # W + M to tune for, W + 2M - 1 at most
+    assert dllm["steady"].past_len == (0, 1024, 2047)
+    assert dllm["prefill"].seq_len == (1, 228, 2048) and dllm["prefill"].past_len == (0, 0, 0)
+    assert dllm["steady"].batch == (1, 1, 4)
+    verifier = {p.name: p for p in derive_profiles("verifier", 2048, 16, 100, opt_window=8)}
+    assert verifier["steady"].seq_len == (1, 8, 100) and verifier["steady"].past_len == (1, 1024, 2047)
+    shapes = dllm["steady"].input_shapes((28, 2, 4, 128))
+    assert shapes["past_kv"] == ((1, 0, 28, 2, 4, 128), (1, 1024, 28, 2, 4, 128), (4, 2047, 28, 2, 4, 128))
+    assert shapes["attention_mask"] == ((1, 1), (1, 1140), (4, 2262))
+
+
+def test_profiles_hold_every_call_the_runtime_makes(tiny_bundle, monkeypatch):
+    """Run the real decoding loops and check each engine call against the derived profiles."""
+    runtime = Runtime.load(tiny_bundle)
+    profiles = {role: [p.to_dict() for p in derive_profiles(role, 512, 16, 100)] for role in ("dllm", "verifier")}
+    calls = []
+    for role, engine in (("dllm", runtime.dllm), ("verifier", runtime.verifier)):
+        original = engine.run
+
+        def recording(ids, cache, role=role, original=original):
+            calls.append((role, len(ids), cache.length))
+            return original(ids, cache)
+
+        monkeypatch.setattr(engine, "run", recording)
+    runtime.eos_ids = frozenset()
+    for prompt, n in (([5], 511), (list(range(60)), 452), (PROMPT, 200)):
+        for alg, params in (("apd", {}), ("apd", {"apd_mixture_weight": 1.0}), ("leftright", {"tokens_per_step": 8}),
+                            ("diffusion", {"steps": 4}), ("ar", {})):
+            runtime.generate(prompt, alg=alg, max_new_tokens=n, **params)
+    assert {role for role, *_ in calls} == {"dllm", "verifier"}
+    for role, seq_len, past_len in calls:
+        select_profile(profiles[role], seq_len, past_len)
+
+
+def test_select_profile_prefers_steady_state_and_explains_misses():
+    profiles = [p.to_dict() for p in derive_profiles("dllm", 512, 16, 100)]
+    assert select_profile(profiles, 116, 300) == 0
+    assert select_profile(profiles, 400, 0) == 1
+    with pytest.raises(GenerationError, match="rebuild the engine with a larger --max-seq-len"):
+        select_profile(profiles, 300, 10)
+
+
+@pytest.mark.parametrize("major, exported, precision, plan", [
+    (10, "fp32", "fp32", (False, [])), (10, "fp32", "fp16", (False, ["FP16"])), (10, "fp32", "bf16", (False, ["BF16"])),
+    (10, "fp16", "fp16", (True, [])), (11, "fp16", "fp16", (True, [])), (11, "fp32", "fp32", (True, [])),
+])
+def test_tensorrt_precision_rules(major, exported, precision, plan):
+    assert precision_plan(major, exported, precision) == plan
+
+
+@pytest.mark.parametrize("major, exported, precision, message", [
+    (11, "fp32", "fp16", "strongly typed.*re-export with `apd-deploy export --dtype fp16`"),
+    (10, "fp16", "bf16", "exported in fp16"),
+])
+def test_tensorrt_precision_refusals(major, exported, precision, message):
+    with pytest.raises(ApdDeployError, match=message):
+        precision_plan(major, exported, precision)
+
+
+def _tensorrt_record(version="10.13.0.35", capability="9.0"):
+    profiles = {role: derive_profiles(role, 512, 16, 100) for role in ("dllm", "verifier")}
+    record = tensorrt_record("fp16", version, capability, "NVIDIA H100", profiles, 1, 512, False, ["FP16"])
+    record["graphs"] = {role: f"engines/tensorrt-cuda-fp16/{path}" for role, path in record["graphs"].items()}
+    return record
+
+
+def test_tensorrt_record_fits_the_manifest_schema(bundle):
+    manifest = read_manifest(bundle)
+    store_manifest(bundle, {**manifest, "engines": {"tensorrt-cuda-fp16": _tensorrt_record()}})
+    record = read_manifest(bundle, verify="skip")["engines"]["tensorrt-cuda-fp16"]
+    assert record["built_with"]["tensorrt"] == "10.13.0.35" and record["built_with"]["compute_capability"] == "9.0"
+    assert [p["name"] for p in record["profiles"]["dllm"]] == ["steady", "prefill"]
+
+
+@pytest.mark.parametrize("version, capability, message", [
+    ("10.14.1.48", "9.0", "built with TensorRT 10.13.0.35, this machine has 10.14.1.48; rebuild it"),
+    ("10.13.0.35", "8.9", "compute capability 9.0, this GPU is 8.9; rebuild it"),
+])
+def test_engines_from_another_tensorrt_or_gpu_are_refused(version, capability, message):
+    record = _tensorrt_record()
+    check_engine_record("tensorrt-cuda-fp16", record, "10.13.0.35", "9.0")
+    with pytest.raises(EngineMismatch, match=message):
+        check_engine_record("tensorrt-cuda-fp16", record, version, capability)
+
+
+@pytest.mark.skipif(_has_cuda_cupy(), reason="this machine has cupy and a GPU: the error paths below do not apply")
+def test_gpu_engines_explain_what_is_missing(bundle):
+    manifest = read_manifest(bundle)
+    store_manifest(bundle, {**manifest, "engines": {"tensorrt-cuda-fp16": _tensorrt_record()}})
+    with pytest.raises(BackendUnavailable, match=r"pip install 'apd-deploy\[(tensorrt|gpu)\]'"):
+        Runtime.load(bundle, engine="tensorrt-cuda-fp16", verify="skip")
+    with pytest.raises(BackendUnavailable, match=r"cupy .*pip install 'apd-deploy\[gpu\]'"):
+        Runtime.load(bundle, array_backend="cupy")
+
+
+def test_cli_build_engine_and_generate(bundle):
+    env = {**os.environ}
+    built = subprocess.run([CLI, "build-engine", str(bundle), "--backend", "onnxruntime", "--json"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stdout)["name"] == "onnxruntime-cpu-fp32"
+    generated = subprocess.run([CLI, "generate", str(bundle), "--engine", "onnxruntime-cpu-fp32", "--prompt-ids",
+                                "1,2,3", "--max-new-tokens", "20", "--json"], capture_output=True, text=True, env=env)
+    assert generated.returncode == 0, generated.stderr
+    assert json.loads(generated.stdout)["token_ids"] == Runtime.load(bundle).generate([1, 2, 3], max_new_tokens=20).token_ids
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "tensorrt"], "TensorRT is not installed (it needs an NVIDIA GPU): pip install 'apd-deploy[tensorrt]'"),
+    (["--backend", "onnxruntime", "--device", "cuda"], "pip install 'apd-deploy[gpu]'"),
+])
+def test_cli_missing_packages_are_one_line(bundle, args, message):
+    if _has_cuda_cupy():
+        pytest.skip("this machine has a GPU stack")
+    result = subprocess.run([CLI, "build-engine", str(bundle), *args], capture_output=True, text=True)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1] and "Traceback" not in result.stderr
+
+
+def test_gpu_check_script_runs_and_skips_with_reasons(tiny_bundle, tmp_path):
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--bundle", str(tiny_bundle), "--work", str(tmp_path),
+                             "--max-new-tokens", "24"], capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).parents[1], env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "onnxruntime CPU engine, numpy" in result.stdout and "10/10 generations identical" in result.stdout
+    if not _has_cuda_cupy():
+        assert "skipped" in result.stdout and "pip install 'apd-deploy[tensorrt]'" in result.stdout
+
+
+@pytest.mark.skipif(not _has_cuda_cupy(), reason="needs cupy and an NVIDIA GPU (run scripts/gpu_check.sh on one)")
+def test_cupy_array_backend_matches_numpy(tiny_bundle):
+    numpy_runtime = Runtime.load(tiny_bundle)
+    cupy_runtime = Runtime.load(tiny_bundle, array_backend="cupy")
+    for alg in ("apd", "leftright", "diffusion", "ar"):
+        assert (cupy_runtime.generate(PROMPT, alg=alg, max_new_tokens=64).token_ids
+                == numpy_runtime.generate(PROMPT, alg=alg, max_new_tokens=64).token_ids)
