@@ -135,7 +135,7 @@ class OrtCudaDecoder:
     @staticmethod
     def _bind(binding, name: str, array, output: bool = False) -> None:
         bind = binding.bind_output if output else binding.bind_input
-        bind(name, "cuda", 0, array.dtype, list(array.shape), array.data.ptr)
+        bind(name, "cuda", 0, array.dtype.type, list(array.shape), array.data.ptr)
 
     def run(self, ids, cache: KVCache):
         cupy = self.xp
