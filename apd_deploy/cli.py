@@ -62,7 +62,8 @@ def main() -> None:
 
 @cli.command("make-tiny")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(["tiny"]), default="tiny", show_default=True, help="Model sizes.")
+@click.option("--preset", type=click.Choice(["tiny", "30m"]), default="tiny", show_default=True,
+              help="tiny: for tests; 30m: a 30M-parameter dLLM and a 3M verifier, for CPU benchmarks.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @user_errors
@@ -209,3 +210,88 @@ def build_engine_command(bundle: str, backend: str, device: str | None, precisio
         click.echo(json.dumps({"name": name, **record}, indent=2))
     elif not quiet:
         click.echo(f"engine '{name}' added to {bundle}; use it with: apd-deploy generate {bundle} --engine {name} ...")
+
+
+@cli.command("eval")
+@click.argument("bundle", type=click.Path())
+@click.option("--task", default="arithmetic", show_default=True, help="The task whose problems to solve.")
+@click.option("--split", default="test", show_default=True, help="train | validation | test")
+@click.option("--n", "n", type=int, default=200, show_default=True, help="Problems per algorithm.")
+@click.option("--algs", default="apd,leftright:1,leftright:4,leftright:8,diffusion,ar", show_default=True,
+              help="Comma-separated; leftright:K commits K tokens per step, diffusion:S takes S steps.")
+@click.option("--apd-mixture-weight", "apd_mixture_weight", type=float, help="R  [default: bundle's]")
+@click.option("--kv-window", type=int, help="W  [default: bundle's]")
+@click.option("--max-lookahead", type=int, help="M  [default: bundle's]")
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--top-p", type=float)
+@click.option("--top-k", type=int)
+@click.option("--seed", type=int)
+@click.option("--max-new-tokens", type=int, help="[default: the task's]")
+@click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
+@click.option("--threads", type=int)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per algorithm, one per line.")
+@user_errors
+def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: str | None, threads: int | None,
+                 as_json: bool, **params: Any) -> None:
+    """Solve task problems with each algorithm; report accuracy, tokens per step, forwards, speed."""
+    from apd_deploy.evaluation import evaluate, format_table, parse_algs
+    from apd_deploy.runtime import Runtime
+
+    runtime = Runtime.load(bundle, engine=engine, threads=threads)
+    total = n * len(parse_algs(algs))
+    with click.progressbar(length=total, label="solving", file=sys.stderr) as bar:
+        results = evaluate(runtime, task, split, n, algs, params, progress=lambda: bar.update(1))
+    if as_json:
+        for result in results:
+            click.echo(json.dumps(result.to_dict()))
+    else:
+        click.echo(format_table(results))
+
+
+@cli.command("bench")
+@click.argument("bundle", type=click.Path())
+@click.option("--algs", default="apd,leftright:1,ar", show_default=True, help="As for eval.")
+@click.option("--sweep", "sweeps", multiple=True, help="APD parameter values, e.g. kv_window=4,16,64 (repeatable).")
+@click.option("--task", help="Prompts from a task's test problems (accuracy is measured).")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="A file of text prompts, one per line.")
+@click.option("--random-prompts", type=int, help="N random 16-token prompts.")
+@click.option("--n", "n", type=int, default=20, show_default=True, help="Problems, with --task.")
+@click.option("--max-new-tokens", type=int, help="[default: the task's, else 256]")
+@click.option("--repeat", type=int, default=3, show_default=True, help="Runs per configuration (median and range).")
+@click.option("--threads", type=int, help="Threads for onnxruntime and for PyTorch.")
+@click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
+@click.option("--eager/--no-eager", default=True, show_default=True,
+              help="Also run the APD configurations on the PyTorch-eager loop (needs torch).")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
+@user_errors
+def bench_command(bundle: str, algs: str, sweeps: tuple[str, ...], task: str | None, prompts_file: str | None,
+                  random_prompts: int | None, n: int, max_new_tokens: int | None, repeat: int, threads: int | None,
+                  engine: str | None, eager: bool, out: str) -> None:
+    """Benchmark BUNDLE: tokens/s, accuracy, per-step time breakdown, ratio to PyTorch eager; JSON, CSV, PNG."""
+    from pathlib import Path
+
+    from apd_deploy.bench.report import format_table, write_results
+    from apd_deploy.bench.runner import benchmark, default_max_new_tokens, load_prompts
+    from apd_deploy.runtime import Runtime
+    from apd_deploy.runtime.engine import default_threads
+
+    threads = threads or default_threads()
+    runtime = Runtime.load(bundle, engine=engine, threads=threads)
+    prompts = load_prompts(runtime, task, prompts_file, random_prompts, n)
+    max_new_tokens = max_new_tokens or default_max_new_tokens(task)
+    eager_loop = None
+    if eager:
+        from apd_deploy.bench.eager import EagerAPD
+
+        models = runtime.manifest["models"]
+        eager_loop = EagerAPD(models["dllm"]["source"], models["verifier"]["source"], threads)
+    bar = click.progressbar(length=1, label="benchmarking", file=sys.stderr)
+    with bar:
+        results = benchmark(runtime, algs, list(sweeps), prompts, max_new_tokens, repeat, task, eager_loop,
+                            progress_total=lambda total: setattr(bar, "length", total), progress=lambda: bar.update(1))
+    settings = {"bundle": bundle, "engine": engine, "threads": threads, "algs": algs, "sweeps": list(sweeps),
+                "task": task, "prompts": prompts_file, "random_prompts": random_prompts, "n": len(prompts),
+                "max_new_tokens": max_new_tokens, "repeat": repeat}
+    written = write_results(Path(out), settings, results)
+    click.echo(format_table(results))
+    click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from apd_deploy.bundle import staged_directory
+from apd_deploy.errors import ApdDeployError
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
 CHAT_TEMPLATE = (
@@ -38,8 +39,10 @@ class Dims:
 # it, the dLLM's further, as real checkpoints pad theirs.
 PRESETS = {
     "tiny": (Dims(288, 64, 128, 2, 4, 2), Dims(272, 32, 64, 2, 4, 2)),
+    # Realistic proportions for CPU benchmarks: a ~30M-parameter dLLM and a ~3M verifier.
+    "30m": (Dims(8000, 512, 1536, 8, 8, 2), Dims(8000, 256, 768, 4, 4, 2)),
 }
-MAX_POSITIONS = 512
+MAX_POSITIONS = {"tiny": 512, "30m": 2048}
 
 
 def build_tokenizer():
@@ -54,7 +57,7 @@ def build_tokenizer():
     return tokenizer
 
 
-def _config(dims: Dims, special: dict[str, int], dllm: bool) -> dict:
+def _config(dims: Dims, special: dict[str, int], dllm: bool, max_positions: int) -> dict:
     common = {
         "attention_dropout": 0.0,
         "bos_token_id": special["<|endoftext|>"],
@@ -64,7 +67,7 @@ def _config(dims: Dims, special: dict[str, int], dllm: bool) -> dict:
         "hidden_size": dims.hidden_size,
         "initializer_range": INIT_STD,
         "intermediate_size": dims.intermediate_size,
-        "max_position_embeddings": MAX_POSITIONS,
+        "max_position_embeddings": max_positions,
         "num_attention_heads": dims.num_attention_heads,
         "num_hidden_layers": dims.num_hidden_layers,
         "num_key_value_heads": dims.num_key_value_heads,
@@ -132,14 +135,17 @@ def write_checkpoint(directory: Path, config: dict, weights: dict[str, np.ndarra
 
 def make_tiny(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
     """Write `out/dllm` and `out/verifier`; returns `out`."""
+    if preset not in PRESETS:
+        raise ApdDeployError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     dllm_dims, verifier_dims = PRESETS[preset]
     tokenizer = build_tokenizer()
     special = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     rng = np.random.default_rng(seed)
     out = Path(out)
     with staged_directory(out, overwrite) as staging:
-        write_checkpoint(staging / "dllm", _config(dllm_dims, special, dllm=True),
+        positions = MAX_POSITIONS[preset]
+        write_checkpoint(staging / "dllm", _config(dllm_dims, special, True, positions),
                          random_weights(dllm_dims, tied=False, rng=rng), tokenizer)
-        write_checkpoint(staging / "verifier", _config(verifier_dims, special, dllm=False),
+        write_checkpoint(staging / "verifier", _config(verifier_dims, special, False, positions),
                          random_weights(verifier_dims, tied=True, rng=rng), tokenizer)
     return out

@@ -1,24 +1,19 @@
 """Adaptive Parallel Decoding (../shared/APD.md, "One decoding run"): the dLLM drafts up to M
-masked positions in one pass, the AR verifier scores the draft in one pass, and the longest
-prefix on which the draft equals a sample of the mixture R·dLLM + (1-R)·AR is committed."""
+masked positions in one pass, the AR verifier scores the draft, and the longest prefix on which
+the draft equals a sample of the mixture R·dLLM + (1-R)·AR is committed."""
 
 from __future__ import annotations
-
-from types import ModuleType
 
 import numpy as np
 
 from apd_deploy.runtime.arrays import to_host
 from apd_deploy.runtime.canvas import Canvas, Decoder, Step, WindowedDLLM
 from apd_deploy.runtime.engine import DecoderEngine
+from apd_deploy.runtime.kv_cache import KVCache
 from apd_deploy.runtime.sampling import pick
 
-
-def accepted_length(xp: ModuleType, draft, target) -> int:
-    """The first drafted token is always accepted; then the prefix where draft == target.
-    One scalar crosses to the host."""
-    stop = xp.concatenate([draft[1:] != target[1:], xp.ones(1, dtype=bool)])
-    return 1 + int(xp.argmax(stop))
+# Draft positions scored by the verifier's first call of a step; each further call doubles.
+FIRST_CHUNK = 8
 
 
 def apd(canvas: Canvas, dllm: DecoderEngine, verifier: DecoderEngine,
@@ -33,29 +28,51 @@ def apd(canvas: Canvas, dllm: DecoderEngine, verifier: DecoderEngine,
         dllm_scores = sampler.scores(window.predict(curr, right))
         noise = sampler.noise(right - curr)
         draft = pick(xp, dllm_scores, noise)
-
-        if ar_next is None:  # first step: prefill the prompt together with the draft
-            fed = xp.concatenate([xp.asarray(x[:curr]), draft])
-            logits, new_kv = canvas.run("verifier", verifier, fed, ar_cache)
-            ar = logits[curr - 1 : right - 1]
-        else:  # the cache holds [0, curr): feed the draft only
-            logits, new_kv = canvas.run("verifier", verifier, draft, ar_cache)
-            ar = xp.concatenate([ar_next[None], logits[: right - curr - 1]])
-        ar = ar[:, : canvas.vocab_size]
-
-        if not sampler.params.greedy:
-            ar = ar / np.float32(sampler.params.temperature)
-        # R = 0 must not meet the -inf of top-p/top-k filtered dLLM scores (0 * -inf is nan).
-        target_scores = ar if mixture_weight == 0 else mixture_weight * dllm_scores + (1 - mixture_weight) * ar
-        accepted = accepted_length(xp, draft, pick(xp, target_scores, noise))
-
+        accepted, ar_next = verify(canvas, verifier, ar_cache, curr, draft, dllm_scores, noise, ar_next, mixture_weight)
         committed = to_host(draft[:accepted])
         x[curr : curr + accepted] = committed
-        # Keep the verifier's cache up to the accepted prefix: those keys were computed from
-        # exactly the tokens now committed.
-        ar_cache.append(new_kv, curr + accepted - ar_cache.length)
-        # The row predicting position curr + accepted is the output of position curr + accepted - 1.
-        ar_next = logits[curr + accepted - 1 - (right - len(logits))]
         window.advance(curr)
         curr += accepted
         yield Step(accepted, committed)
+
+
+def verify(canvas: Canvas, verifier: DecoderEngine, cache: KVCache, curr: int, draft, dllm_scores, noise,
+           ar_next, mixture_weight: float):
+    """Score `draft` (positions curr..) with the verifier and return how many tokens are accepted
+    and the verifier's logits for the position after them.
+
+    Acceptance is a prefix, so the draft is fed in growing chunks and scoring stops with the first
+    chunk that holds a rejection: nothing after it can matter. The first drafted token is always
+    accepted. On return `cache` holds exactly [0, curr + accepted): keys computed from the tokens
+    now committed.
+    """
+    xp, sampler, size = canvas.xp, canvas.sampler, len(draft)
+    start, chunk = 0, FIRST_CHUNK
+    while True:
+        stop = min(start + chunk, size)
+        if cache.length == 0:  # first step: prefill the prompt together with the first chunk
+            fed = xp.concatenate([xp.asarray(canvas.x[:curr]), draft[:stop]])
+            logits, new_kv = canvas.run("verifier", verifier, fed, cache)
+            rows = logits[curr - 1 :]
+        else:  # the cache holds [0, curr + start)
+            logits, new_kv = canvas.run("verifier", verifier, draft[start:stop], cache)
+            rows = xp.concatenate([ar_next[None], logits])
+        cache.append(new_kv)
+        # rows[k] is the verifier's prediction for position curr + start + k (its output row at
+        # the position before: logits are shifted).
+        ar = rows[: stop - start, : canvas.vocab_size]
+        if not sampler.params.greedy:
+            ar = ar / np.float32(sampler.params.temperature)
+        # R = 0 must not meet the -inf of top-p/top-k filtered dLLM scores (0 * -inf is nan).
+        mixed = ar if mixture_weight == 0 else mixture_weight * dllm_scores[start:stop] + (1 - mixture_weight) * ar
+        target = pick(xp, mixed, None if noise is None else noise[start:stop])
+        rejected = draft[start:stop] != target
+        if start == 0:
+            rejected[0] = False
+        # One scalar to the host: the first rejection in this chunk, or the chunk's length.
+        first = int(xp.argmax(xp.concatenate([rejected, xp.ones(1, dtype=bool)])))
+        if first < stop - start or stop == size:
+            accepted = start + first
+            cache.crop(curr + accepted)
+            return accepted, rows[first]
+        ar_next, start, chunk = rows[-1], stop, chunk * 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -34,6 +35,7 @@ class Canvas:
     sampler: Sampler
     xp: ModuleType
     forwards: dict[str, int] = field(default_factory=lambda: {"dllm": 0, "verifier": 0})
+    engine_seconds: dict[str, float] = field(default_factory=lambda: {"dllm": 0.0, "verifier": 0.0})
 
     @classmethod
     def start(cls, prompt: np.ndarray, max_new_tokens: int, mask_id: int, vocab_size: int, sampler: Sampler) -> Canvas:
@@ -42,8 +44,12 @@ class Canvas:
         return cls(x, len(prompt), mask_id, vocab_size, sampler, sampler.xp)
 
     def run(self, role: str, engine: DecoderEngine, ids, cache: KVCache):
+        """One engine call, counted and timed per model."""
         self.forwards[role] += 1
-        return engine.run(ids, cache)
+        started = time.perf_counter()
+        out = engine.run(ids, cache)
+        self.engine_seconds[role] += time.perf_counter() - started
+        return out
 
 
 Decoder = Iterator[Step]

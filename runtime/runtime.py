@@ -40,6 +40,8 @@ class GenerationResult:
     seconds: float
     tokens_per_second: float
     seed: int | None = None  # the seed used, to reproduce a sampled (T > 0) generation
+    dllm_seconds: float = 0.0  # time inside the dLLM engine; the rest of `seconds` minus
+    verifier_seconds: float = 0.0  # the verifier's is host logic (sampling, mixture, acceptance, caches)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +192,8 @@ class Runtime:
             seconds=seconds,
             tokens_per_second=len(generated) / seconds if seconds > 0 else 0.0,
             seed=canvas.sampler.seed if not canvas.sampler.params.greedy else None,
+            dllm_seconds=canvas.engine_seconds["dllm"],
+            verifier_seconds=canvas.engine_seconds["verifier"],
         )
 
 

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Set up and run the main job end to end on a tiny random pair: make checkpoints, export a bundle,
-# generate with APD and with one-token-per-step decoding.
+# The main job, offline, from a fresh clone: export the bundled trained pair (models/arithmetic),
+# build its onnxruntime engine, answer a test problem with APD (each step's accepted chunk in its
+# own colour), then compare APD with one-token-per-step and K-tokens-per-step decoding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-mkdir -p out
-.venv/bin/apd-deploy make-tiny out/tiny --overwrite
-.venv/bin/apd-deploy export --dllm out/tiny/dllm --verifier out/tiny/verifier -o out/tiny-bundle --overwrite
-.venv/bin/apd-deploy generate out/tiny-bundle --prompt "Hello" --max-new-tokens 48
-.venv/bin/apd-deploy generate out/tiny-bundle --prompt "Hello" --max-new-tokens 48 --alg leftright
+APD=.venv/bin/apd-deploy
+BUNDLE=out/arithmetic-bundle
+"$APD" export --dllm models/arithmetic/dllm --verifier models/arithmetic/verifier -o "$BUNDLE" --overwrite --quiet
+"$APD" build-engine "$BUNDLE" --backend onnxruntime --quiet
+QUESTION=$(.venv/bin/python -c "from apd_deploy.tasks.arithmetic import problems; print(next(problems('test')).question)")
+echo "Q: $QUESTION"
+"$APD" generate "$BUNDLE" --engine onnxruntime-cpu-fp32 --chat --prompt "$QUESTION" --max-new-tokens 32
+"$APD" eval "$BUNDLE" --engine onnxruntime-cpu-fp32 --n "${N:-100}" --algs apd,leftright:1,leftright:4,leftright:8

@@ -1,0 +1,96 @@
+"""PNG plots of benchmark results (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from apd_deploy.bench.runner import ConfigResult
+
+SWEEP_AXES = {"apd_mixture_weight": "R (mixture weight)", "kv_window": "W (KV window)", "max_lookahead": "M (max lookahead)"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both throughput (x) and accuracy (y), by throughput."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+def plot_pareto(results: list[ConfigResult], out: Path) -> Path | None:
+    scored = [r for r in results if r.accuracy is not None]
+    if not scored:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in scored:
+        ax.errorbar(r.tokens_per_second, 100 * r.accuracy, fmt="o",
+                    xerr=[[r.tokens_per_second - r.tokens_per_second_min], [r.tokens_per_second_max - r.tokens_per_second]])
+        ax.annotate(r.label, (r.tokens_per_second, 100 * r.accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front = pareto_front([(r.tokens_per_second, 100 * r.accuracy) for r in scored])
+    ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", label="Pareto frontier")
+    ax.set_xlabel("tokens / s (median over repeats)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Throughput against accuracy")
+    ax.legend()
+    path = out / "pareto.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sweeps(results: list[ConfigResult], out: Path) -> list[Path]:
+    plt = _pyplot()
+    paths = []
+    apd = [r for r in results if r.alg == "apd"]
+    for key, label in SWEEP_AXES.items():
+        values = sorted({r.params[key] for r in apd if key in r.params})
+        if len(values) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        others = sorted({tuple(sorted((k, v) for k, v in r.params.items() if k != key)) for r in apd if key in r.params})
+        for rest in others:
+            line = sorted((r.params[key], r.tokens_per_second) for r in apd
+                          if key in r.params and tuple(sorted((k, v) for k, v in r.params.items() if k != key)) == rest)
+            ax.plot([p[0] for p in line], [p[1] for p in line], "o-", label=" ".join(f"{k}={v}" for k, v in rest) or "apd")
+        ax.set_xlabel(label)
+        ax.set_ylabel("tokens / s")
+        ax.set_title(f"Throughput against {label.split(' ')[0]}")
+        if len(others) <= 9:
+            ax.legend(fontsize=7)
+        path = out / f"throughput_vs_{key}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_breakdown(results: list[ConfigResult], out: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(results) + 2), 4.5))
+    labels = [r.label for r in results]
+    parts = (("dLLM engine", [r.dllm_ms_per_step for r in results]),
+             ("verifier engine", [r.verifier_ms_per_step for r in results]),
+             ("host logic", [r.host_ms_per_step for r in results]))
+    bottom = [0.0] * len(results)
+    for name, values in parts:
+        ax.bar(labels, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("ms per step")
+    ax.set_title("Where a step's time goes")
+    ax.tick_params(axis="x", rotation=60, labelsize=7)
+    ax.legend()
+    path = out / "breakdown.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

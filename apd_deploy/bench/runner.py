@@ -1,0 +1,182 @@
+"""Run benchmark configurations: each algorithm / parameter combination over the same prompts,
+repeated, with the runtime's per-step time split into dLLM engine, verifier engine and host logic,
+and the PyTorch-eager loop on the same checkpoints for the ratio."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apd_deploy.errors import GenerationError
+from apd_deploy.evaluation import TASK_MAX_NEW_TOKENS, TASKS, parse_algs
+
+SWEEPABLE = {"apd_mixture_weight": float, "kv_window": int, "max_lookahead": int}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    answer: int | None = None  # for tasks with checkable answers
+
+
+@dataclass(frozen=True)
+class Config:
+    label: str
+    alg: str
+    params: dict[str, Any]
+
+
+@dataclass
+class ConfigResult:
+    label: str
+    alg: str
+    params: dict[str, Any]
+    tokens_per_second: float  # median over repeats
+    tokens_per_second_min: float
+    tokens_per_second_max: float
+    tokens_per_step: float
+    dllm_forwards_per_prompt: float
+    verifier_forwards_per_prompt: float
+    step_ms: float  # mean wall time of one step
+    dllm_ms_per_step: float
+    verifier_ms_per_step: float
+    host_ms_per_step: float
+    accuracy: float | None
+    eager_tokens_per_second: float | None = None
+    speedup_vs_eager: float | None = None
+    same_tokens_as_eager: bool | None = None
+    tokens: list[list[int]] = field(default_factory=list, repr=False)
+
+    def row(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("tokens")
+        out["params"] = json.dumps(self.params, sort_keys=True)
+        return out
+
+
+def parse_sweeps(sweeps: list[str]) -> dict[str, list]:
+    """['kv_window=4,16'] -> {'kv_window': [4, 16]} (APD parameters only)."""
+    grid = {}
+    for sweep in sweeps:
+        key, _, values = sweep.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in SWEEPABLE or not values:
+            raise GenerationError(f"--sweep '{sweep}': use NAME=V1,V2 with NAME one of {', '.join(SWEEPABLE)}")
+        try:
+            grid[key] = [SWEEPABLE[key](v) for v in values.split(",")]
+        except ValueError:
+            raise GenerationError(f"--sweep '{sweep}': values must be {SWEEPABLE[key].__name__}s") from None
+    return grid
+
+
+def configs(algs: str, grid: dict[str, list]) -> list[Config]:
+    out = []
+    for spec in parse_algs(algs):
+        if spec.alg != "apd" or not grid:
+            out.append(Config(spec.label, spec.alg, spec.params))
+            continue
+        keys = sorted(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            params = dict(zip(keys, values))
+            short = {"apd_mixture_weight": "R", "kv_window": "W", "max_lookahead": "M"}
+            out.append(Config("apd " + " ".join(f"{short[k]}={v}" for k, v in params.items()), "apd", params))
+    return out
+
+
+def load_prompts(runtime, task: str | None, prompts_file: str | None, random_prompts: int | None,
+                 n: int, seed: int = 0) -> list[Prompt]:
+    """Exactly one source: a task's test problems, a file (one text prompt per line), or random ids."""
+    if sum(x is not None for x in (task, prompts_file, random_prompts)) != 1:
+        raise GenerationError("give exactly one of --task, --prompts FILE or --random-prompts N")
+    if task is not None:
+        if task not in TASKS:
+            raise GenerationError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+        chat = bool(runtime.tokenizer and runtime.tokenizer.chat_template)
+        problems = itertools.islice(TASKS[task].problems("test"), n)
+        return [Prompt(runtime.prompt_ids(p.question, chat=chat).tolist(), p.answer) for p in problems]
+    if prompts_file is not None:
+        lines = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        if not lines:
+            raise GenerationError(f"{prompts_file}: no prompts (one per line)")
+        return [Prompt(runtime.prompt_ids(line).tolist()) for line in lines]
+    if random_prompts < 1:
+        raise GenerationError(f"--random-prompts must be at least 1, got {random_prompts}")
+    rng = random.Random(seed)
+    vocab = runtime.vocab_size
+    excluded = runtime.eos_ids | {runtime.mask_id}
+    return [Prompt([t for t in (rng.randrange(vocab) for _ in range(64)) if t not in excluded][:16])
+            for _ in range(random_prompts)]
+
+
+def run_config(runtime, config: Config, prompts: list[Prompt], max_new_tokens: int, repeat: int,
+               extract: Callable[[str], int | None] | None, progress: Callable[[], None]) -> ConfigResult:
+    speeds, last = [], None
+    for _ in range(repeat):
+        outs = []
+        for prompt in prompts:
+            outs.append(runtime.generate(prompt.ids, alg=config.alg, max_new_tokens=max_new_tokens, **config.params))
+            progress()
+        tokens, seconds = sum(len(o.token_ids) for o in outs), sum(o.seconds for o in outs)
+        speeds.append(tokens / seconds)
+        last = outs
+    steps = sum(o.steps for o in last)
+    tokens = sum(len(o.token_ids) for o in last)
+    dllm_s, verifier_s = sum(o.dllm_seconds for o in last), sum(o.verifier_seconds for o in last)
+    total_s = sum(o.seconds for o in last)
+    accuracy = None
+    if extract is not None and all(p.answer is not None for p in prompts):
+        accuracy = sum(extract(o.text or "") == p.answer for o, p in zip(last, prompts)) / len(prompts)
+    return ConfigResult(
+        config.label, config.alg, config.params, statistics.median(speeds), min(speeds), max(speeds),
+        tokens / steps, sum(o.dllm_forwards for o in last) / len(prompts), sum(o.verifier_forwards for o in last) / len(prompts),
+        1000 * total_s / steps, 1000 * dllm_s / steps, 1000 * verifier_s / steps, 1000 * (total_s - dllm_s - verifier_s) / steps,
+        accuracy, tokens=[o.token_ids for o in last])
+
+
+def run_eager(eager, runtime, result: ConfigResult, prompts: list[Prompt], max_new_tokens: int, repeat: int,
+              progress: Callable[[], None]) -> None:
+    """Fill in the eager figures of an APD configuration (temperature 0)."""
+    defaults = runtime.defaults
+    p = {"apd_mixture_weight": defaults.apd_mixture_weight, "kv_window": defaults.kv_window,
+         "max_lookahead": defaults.max_lookahead, **result.params}
+    speeds, tokens = [], []
+    for _ in range(repeat):
+        outs = []
+        for prompt in prompts:
+            outs.append(eager.generate(prompt.ids, max_new_tokens, p["apd_mixture_weight"], p["kv_window"],
+                                       p["max_lookahead"], runtime.mask_id, runtime.eos_ids))
+            progress()
+        speeds.append(sum(len(o.token_ids) for o in outs) / sum(o.seconds for o in outs))
+        tokens = [o.token_ids for o in outs]
+    result.eager_tokens_per_second = statistics.median(speeds)
+    result.speedup_vs_eager = result.tokens_per_second / result.eager_tokens_per_second
+    result.same_tokens_as_eager = tokens == result.tokens
+
+
+def default_max_new_tokens(task: str | None) -> int:
+    return TASK_MAX_NEW_TOKENS.get(task, 256) if task else 256
+
+
+def benchmark(runtime, algs: str, sweeps: list[str], prompts: list[Prompt], max_new_tokens: int, repeat: int,
+              task: str | None, eager=None, progress_total: Callable[[int], None] = lambda _: None,
+              progress: Callable[[], None] = lambda: None) -> list[ConfigResult]:
+    """Every configuration on the runtime; with `eager`, the APD ones on the PyTorch loop too."""
+    if repeat < 1:
+        raise GenerationError(f"--repeat must be at least 1, got {repeat}")
+    chosen = configs(algs, parse_sweeps(sweeps))
+    with_eager = [c for c in chosen if c.alg == "apd"] if eager is not None else []
+    progress_total(len(prompts) * repeat * (len(chosen) + len(with_eager)))
+    extract = TASKS[task].extract_answer if task else None
+    results = []
+    for config in chosen:
+        result = run_config(runtime, config, prompts, max_new_tokens, repeat, extract, progress)
+        if config in with_eager:
+            run_eager(eager, runtime, result, prompts, max_new_tokens, repeat, progress)
+        results.append(result)
+    return results

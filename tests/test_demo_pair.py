@@ -1,0 +1,97 @@
+"""The bundled, trained demo pair: export -> engine -> eval, and the figures it must reach."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from apd_deploy.engines.build import build_engine
+from apd_deploy.errors import GenerationError
+from apd_deploy.evaluation import evaluate, parse_algs
+from apd_deploy.export.pipeline import export_bundle
+from apd_deploy.runtime import Runtime
+from apd_deploy.tasks.arithmetic import SPLITS, extract_answer, problems
+
+MODELS = Path(__file__).parents[1] / "models" / "arithmetic"
+CLI = str(Path(sys.executable).with_name("apd-deploy"))
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "bundle"
+    export_bundle(MODELS / "dllm", MODELS / "verifier", out)
+    build_engine(out, "onnxruntime")
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_runtime(demo_bundle):
+    return Runtime.load(demo_bundle, engine="onnxruntime-cpu-fp32")
+
+
+def test_splits_never_share_a_problem():
+    seen = {split: {p.question for p in itertools.islice(problems(split), 300)} for split in SPLITS}
+    assert not (seen["train"] & seen["test"]) and not (seen["train"] & seen["validation"])
+    assert not (seen["validation"] & seen["test"])
+    assert all(len(questions) == 300 for questions in seen.values())
+
+
+def test_problems_are_reproducible_and_checkable():
+    first = list(itertools.islice(problems("test"), 5))
+    assert first == list(itertools.islice(problems("test"), 5))
+    for problem in first:
+        assert extract_answer(problem.solution) == problem.answer
+        assert problem.solution.count("=") == 2
+    assert extract_answer("12 + 3 = 15. The answer is 15.") == 15 and extract_answer("no answer") is None
+
+
+def test_demo_pair_is_small_and_documented():
+    files = [p for p in MODELS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 50 * 2**20
+    for role in ("dllm", "verifier"):
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (MODELS / role).iterdir()}
+    assert (MODELS / "TRAINING.md").is_file()
+
+
+def test_parse_algs():
+    assert [(s.label, s.alg, s.params) for s in parse_algs("apd,leftright:4,diffusion:16,ar")] == [
+        ("apd", "apd", {}), ("leftright:4", "leftright", {"tokens_per_step": 4}),
+        ("diffusion:16", "diffusion", {"steps": 16}), ("ar", "ar", {})]
+    with pytest.raises(GenerationError, match="'apd:3' is not understood"):
+        parse_algs("apd:3")
+
+
+def test_eval_on_the_bundled_pair(demo_runtime):
+    """A handful of test problems, through export -> engine -> eval, within CI time."""
+    results = {r.alg: r for r in evaluate(demo_runtime, n=24, algs="apd,leftright:1,leftright:8")}
+    one, apd, eight = results["leftright:1"], results["apd"], results["leftright:8"]
+    assert one.accuracy >= 0.8
+    assert apd.accuracy >= one.accuracy - 0.1
+    assert eight.accuracy <= one.accuracy - 0.2
+    assert apd.dllm_forwards_per_problem * 2.5 <= one.dllm_forwards_per_problem
+    assert apd.tokens_per_step > 2.5 and one.tokens_per_step == 1.0
+
+
+def test_cli_eval_json(demo_bundle):
+    result = subprocess.run([CLI, "eval", str(demo_bundle), "--n", "3", "--algs", "apd,ar", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["alg"] for r in rows] == ["apd", "ar"]
+    assert {"accuracy", "tokens_per_step", "dllm_forwards_per_problem", "tokens_per_second"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_issue_targets_on_200_test_problems(demo_runtime):
+    """The README's figures: `pytest -m slow` (several minutes)."""
+    results = {r.alg: r for r in evaluate(demo_runtime, n=200, algs="apd,leftright:1,leftright:4,leftright:8")}
+    one = results["leftright:1"]
+    assert one.accuracy >= 0.9
+    assert results["apd"].accuracy >= one.accuracy - 0.02
+    assert results["apd"].dllm_forwards_per_problem * 3 <= one.dllm_forwards_per_problem
+    assert results["leftright:4"].accuracy < one.accuracy - 0.05 and results["leftright:8"].accuracy < one.accuracy - 0.05

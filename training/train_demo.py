@@ -1,0 +1,291 @@
+"""Train the bundled demo pair on arithmetic word problems, on a CPU, in about an hour.
+
+    python training/train_demo.py --phase verifier --threads 1 &     # the AR verifier
+    python training/train_demo.py --phase dllm-ar --threads 1        # the dLLM's shape, trained AR
+    python training/train_demo.py --phase dllm-diffusion --threads 2 # adapted to masked diffusion
+
+Training a masked-diffusion model from scratch learns far too slowly at this budget, so the dLLM
+is made the way Dream 7B was made from Qwen2.5 7B: an autoregressive model of the dLLM's shape is
+trained first, then its weights are switched to bidirectional attention and trained with the
+masked-diffusion objective. Dream's shifted-logit convention (the output at position j-1 predicts
+token j) is the AR convention, so it carries over. Most diffusion rows mask a suffix of the
+answer, the state left-to-right and APD decoding see; the rest mask random positions.
+Checkpoints are written as ordinary Hugging Face directories that `apd-deploy export` takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tokenizer import ASSISTANT, EOS, MASK, USER, build_tokenizer, save_tokenizer  # noqa: E402
+
+from apd_deploy.export.config import ModelConfig  # noqa: E402
+from apd_deploy.export.transformer import DecoderLM  # noqa: E402
+from apd_deploy.tasks.arithmetic import extract_answer, problems  # noqa: E402
+
+CANVAS = 32  # answer positions: the solution (at most 28 tokens), EOS, then EOS padding
+MAX_POSITIONS = 128
+DLLM_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+VERIFIER_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Data:
+    def __init__(self, seed: int) -> None:
+        corpus = [p.question + " " + p.solution for p in itertools.islice(problems("train", seed=10_000), 20_000)]
+        self.tokenizer = build_tokenizer(corpus)
+        self.ids = {t: self.tokenizer.token_to_id(t) for t in (EOS, USER, ASSISTANT, MASK)}
+        self.train = problems("train", seed=seed)
+        self.validation = list(itertools.islice(problems("validation"), 200))
+
+    def encode(self, problem) -> tuple[list[int], list[int]]:
+        prompt = self.tokenizer.encode(USER + problem.question + ASSISTANT).ids
+        answer = self.tokenizer.encode(problem.solution).ids + [self.ids[EOS]]
+        return prompt, answer
+
+
+def config(shape: dict, vocab: int, causal: bool, data: Data, tied: bool) -> ModelConfig:
+    eos = data.ids[EOS]
+    return ModelConfig(
+        model_type="qwen2" if causal else "Dream", vocab_size=vocab, head_dim=shape["hidden_size"] // shape["num_attention_heads"],
+        rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=tied,
+        causal=causal, mask_token_id=data.ids[MASK], pad_token_id=eos, bos_token_id=eos, eos_token_ids=(eos,), **shape)
+
+
+def new_model(cfg: ModelConfig, seed: int) -> DecoderLM:
+    torch.manual_seed(seed)
+    model = DecoderLM(cfg, qkv_bias=True)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.ones_(p)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+        else:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def forward(model: DecoderLM, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    positions = (valid.cumsum(1) - 1).clamp(min=0)
+    logits, _ = model(ids, positions, valid, model.empty_cache(ids.shape[0]))
+    return logits
+
+
+def ar_batch(data: Data, size: int):
+    rows, targets = [], []
+    for problem in itertools.islice(data.train, size):
+        prompt, answer = data.encode(problem)
+        rows.append(prompt + answer)
+        targets.append([0] * len(prompt) + [1] * len(answer))
+    width = max(map(len, rows))
+    ids = torch.full((size, width), data.ids[EOS])
+    valid = torch.zeros(size, width, dtype=torch.int64)
+    loss_at = torch.zeros(size, width)
+    for i, (row, target) in enumerate(zip(rows, targets)):
+        ids[i, : len(row)], valid[i, : len(row)], loss_at[i, : len(row)] = torch.tensor(row), 1, torch.tensor(target, dtype=torch.float)
+    return ids, valid, loss_at
+
+
+def ar_loss(model: DecoderLM, data: Data, size: int) -> torch.Tensor:
+    ids, valid, loss_at = ar_batch(data, size)
+    logits = forward(model, ids, valid)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    weights = loss_at[:, 1:]
+    return (ce * weights).sum() / weights.sum()
+
+
+def diffusion_loss(model: DecoderLM, data: Data, size: int, rng: random.Random, suffix_share: float) -> torch.Tensor:
+    rows, masked = [], []
+    for problem in itertools.islice(data.train, size):
+        prompt, answer = data.encode(problem)
+        canvas = answer + [data.ids[EOS]] * (CANVAS - len(answer))
+        if rng.random() < suffix_share:  # a committed prefix, everything after it masked
+            start = rng.randrange(CANVAS)
+            hide = [j >= start for j in range(CANVAS)]
+        else:
+            ratio = rng.uniform(0.05, 1.0)
+            hide = [rng.random() < ratio for _ in range(CANVAS)]
+            hide[rng.randrange(CANVAS)] = True
+        # Padding after the answer's EOS is easy and plentiful: it counts a fifth.
+        weight = [(1.0 if j < len(answer) else 0.2) if h else 0.0 for j, h in enumerate(hide)]
+        rows.append((prompt, canvas, hide, weight))
+    width = max(len(p) for p, *_ in rows) + CANVAS
+    ids = torch.full((size, width), data.ids[EOS])
+    targets = torch.full((size, width), data.ids[EOS])
+    valid = torch.zeros(size, width, dtype=torch.int64)
+    weights = torch.zeros(size, width)
+    first = torch.zeros(size, width)
+    for i, (prompt, canvas, hide, weight) in enumerate(rows):
+        n = len(prompt) + CANVAS
+        full = torch.tensor(prompt + canvas)
+        targets[i, :n] = full
+        ids[i, :n] = torch.where(torch.tensor([False] * len(prompt) + hide), data.ids[MASK], full)
+        valid[i, :n] = 1
+        weights[i, len(prompt) : n] = torch.tensor(weight)
+        first[i, len(prompt) + hide.index(True)] = 1.0
+    logits = forward(model, ids, valid)
+    # Shifted logits: the row of position j-1 predicts token j.
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets[:, 1:], reduction="none")
+    w, f = weights[:, 1:], first[:, 1:]
+    per_row = (ce * w).sum(1) / w.sum(1).clamp(min=1e-6)
+    # The first masked position is what one-token-per-step decoding commits: count it once more.
+    return (per_row + (ce * f).sum(1)).mean()
+
+
+@torch.no_grad()
+def accuracy(model: DecoderLM, data: Data, n: int = 200) -> float:
+    """Greedy one token per step over the whole canvas (no cache), left-padded batch."""
+    model.eval()
+    encoded = [data.encode(p)[0] for p in data.validation[:n]]
+    width = max(map(len, encoded))
+    ids = torch.full((n, width + CANVAS), data.ids[MASK] if not model.config.causal else data.ids[EOS])
+    valid = torch.ones(n, width + CANVAS, dtype=torch.int64)
+    for i, prompt in enumerate(encoded):
+        ids[i, width - len(prompt) : width] = torch.tensor(prompt)
+        valid[i, : width - len(prompt)] = 0
+    for k in range(CANVAS):
+        end = width + k if model.config.causal else width + CANVAS
+        logits = forward(model, ids[:, :end], valid[:, :end])
+        ids[:, width + k] = logits[:, width + k - 1, : data.tokenizer.get_vocab_size()].argmax(-1)
+    correct = 0
+    for i, problem in enumerate(data.validation[:n]):
+        answer = ids[i, width:].tolist()
+        answer = answer[: answer.index(data.ids[EOS])] if data.ids[EOS] in answer else answer
+        correct += extract_answer(data.tokenizer.decode(answer)) == problem.answer
+    model.train()
+    return correct / n
+
+
+def train(model: DecoderLM, loss_fn, minutes: float, lr: float, data: Data, eval_every: float, record: dict) -> DecoderLM:
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start, next_eval, step = time.time(), eval_every, 0
+    best = (-1.0, None)
+    losses = []
+    model.train()
+    while (elapsed := (time.time() - start) / 60) < minutes:
+        warm = min(1.0, (step + 1) / 100)
+        for group in optimiser.param_groups:
+            group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * elapsed / minutes)))
+        loss = loss_fn(model)
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            log(f"step {step} loss {sum(losses[-50:]) / 50:.4f} ({elapsed:.1f} min)")
+        if elapsed >= next_eval or (time.time() - start) / 60 >= minutes:
+            acc = accuracy(model, data)
+            log(f"validation accuracy {acc:.3f} at step {step}")
+            record["evaluations"].append({"minutes": round(elapsed, 1), "step": step, "accuracy": acc,
+                                          "loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)})
+            if acc > best[0]:
+                best = (acc, {k: v.clone() for k, v in model.state_dict().items()})
+            next_eval += eval_every
+    acc = accuracy(model, data)
+    record["evaluations"].append({"minutes": round(minutes, 1), "step": step, "accuracy": acc,
+                                  "loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)})
+    if acc >= best[0]:
+        best = (acc, model.state_dict())
+    record.update(steps=step, final_loss=record["evaluations"][-1]["loss"], best_validation_accuracy=best[0])
+    model.load_state_dict(best[1])
+    return model
+
+
+def save(model: DecoderLM, data: Data, directory: Path, architecture: str) -> None:
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": [architecture], "model_type": cfg.model_type, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu", "attention_dropout": 0.0, "use_cache": True, "use_sliding_window": False,
+        "sliding_window": None, "rope_scaling": None, "torch_dtype": "float32",
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids[0], "pad_token_id": cfg.pad_token_id,
+    }
+    if cfg.model_type == "Dream":
+        config["mask_token_id"] = cfg.mask_token_id
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight")
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_tokenizer(data.tokenizer, directory)
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--phase", choices=("verifier", "dllm-ar", "dllm-diffusion"), required=True)
+    parser.add_argument("--out", type=Path, default=Path("models/arithmetic"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/apd-train"), help="intermediate checkpoints")
+    parser.add_argument("--minutes", type=float, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="dllm-diffusion: continue from OUT/dllm")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = Data(args.seed)
+    vocab = data.tokenizer.get_vocab_size()
+    record = {"phase": args.phase, "command": " ".join(sys.argv), "seed": args.seed, "threads": args.threads,
+              "batch": args.batch, "minutes": args.minutes, "torch": torch.__version__, "evaluations": []}
+    started = time.time()
+    if args.phase == "verifier":
+        cfg = config(VERIFIER_SHAPE, -(-vocab // 16) * 16, True, data, tied=True)
+        model = new_model(cfg, args.seed)
+        record["lr"] = lr = args.lr or 2e-3
+        model = train(model, lambda m: ar_loss(m, data, args.batch), args.minutes, lr, data, 3.0, record)
+        save(model, data, args.out / "verifier", "Qwen2ForCausalLM")
+    elif args.phase == "dllm-ar":
+        # The verifier's vocabulary rounded up, plus 16 unused rows: Dream's is larger than Qwen2.5's too.
+        cfg = config(DLLM_SHAPE, -(-vocab // 16) * 16 + 16, True, data, tied=False)
+        model = new_model(cfg, args.seed + 1)
+        record["lr"] = lr = args.lr or 1e-3
+        model = train(model, lambda m: ar_loss(m, data, args.batch), args.minutes, lr, data, 4.0, record)
+        args.work.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), args.work / "dllm-ar.pt")
+    else:
+        cfg = config(DLLM_SHAPE, -(-vocab // 16) * 16 + 16, False, data, tied=False)
+        model = DecoderLM(cfg, qkv_bias=True)
+        model.load_state_dict(load_weights(args.out / "dllm") if args.resume else torch.load(args.work / "dllm-ar.pt"))
+        record["start_accuracy"] = accuracy(model, data)
+        log(f"AR weights with bidirectional attention: validation accuracy {record['start_accuracy']:.3f}")
+        rng = random.Random(args.seed)
+        record["lr"] = lr = args.lr or 1e-3
+        model = train(model, lambda m: diffusion_loss(m, data, args.batch, rng, 0.8), args.minutes, lr, data, 4.0, record)
+        save(model, data, args.out / "dllm", "DreamModel")
+    record["seconds"] = round(time.time() - started)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"training-{args.phase}{'-resumed' if args.resume else ''}.json"
+    (args.out / name).write_text(json.dumps(record, indent=2) + "\n")
+    log(f"done: {json.dumps({k: v for k, v in record.items() if k != 'evaluations'})}")
+
+
+if __name__ == "__main__":
+    main()
