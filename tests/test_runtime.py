@@ -58,7 +58,7 @@ def test_apd_commits_at_least_one_token_per_step(runtime_without_eos, R, W, M, T
     result = runtime_without_eos.generate(PROMPT, alg="apd", apd_mixture_weight=R, kv_window=W, max_lookahead=M,
                                           temperature=T, seed=3, max_new_tokens=120)
     assert min(result.accepted_per_step) >= 1 and sum(result.accepted_per_step) == 120
-    assert result.dllm_forwards == result.verifier_forwards == result.steps
+    assert result.dllm_forwards == result.steps <= result.verifier_forwards  # verification comes in chunks
 
 
 def test_apd_takes_fewer_steps_as_r_grows(runtime_without_eos):
