@@ -21,6 +21,9 @@ from apd_deploy.runtime.arrays import to_host
 from apd_deploy.runtime.kv_cache import KVCache
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+# APD alternates between two sessions. A session's worker threads spin for a while after each
+# call by default, and then burn the cores the other session is about to use.
+SPIN_BETWEEN_CALLS = False
 
 
 def default_threads() -> int:
@@ -63,6 +66,7 @@ def _session_options(threads: int | None, options: dict[str, Any] | None):
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if SPIN_BETWEEN_CALLS else "0")
     level = (options or {}).get("graph_optimization_level")
     if level:
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)

@@ -18,6 +18,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats on both throughput (x) and accuracy (y), by throughput."""
     front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
@@ -40,11 +47,7 @@ def plot_pareto(results: list[ConfigResult], out: Path) -> Path | None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Throughput against accuracy")
     ax.legend()
-    path = out / "pareto.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "pareto.png")
 
 
 def plot_sweeps(results: list[ConfigResult], out: Path) -> list[Path]:
@@ -66,11 +69,7 @@ def plot_sweeps(results: list[ConfigResult], out: Path) -> list[Path]:
         ax.set_title(f"Throughput against {label.split(' ')[0]}")
         if len(others) <= 9:
             ax.legend(fontsize=7)
-        path = out / f"throughput_vs_{key}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out / f"throughput_vs_{key}.png"))
     return paths
 
 
@@ -89,8 +88,4 @@ def plot_breakdown(results: list[ConfigResult], out: Path) -> Path:
     ax.set_title("Where a step's time goes")
     ax.tick_params(axis="x", rotation=60, labelsize=7)
     ax.legend()
-    path = out / "breakdown.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "breakdown.png")
