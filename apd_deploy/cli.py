@@ -262,11 +262,13 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
 @click.option("--eager/--no-eager", default=True, show_default=True,
               help="Also run the APD configurations on the PyTorch-eager loop (needs torch).")
+@click.option("--step-profile", is_flag=True,
+              help="Also time APD steps at 128 and 1024 generated tokens (full windows) on the first prompt.")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @user_errors
 def bench_command(bundle: str, algs: str, sweeps: tuple[str, ...], task: str | None, prompts_file: str | None,
                   random_prompts: int | None, n: int, max_new_tokens: int | None, repeat: int, threads: int | None,
-                  engine: str | None, eager: bool, out: str) -> None:
+                  engine: str | None, eager: bool, step_profile: bool, out: str) -> None:
     """Benchmark BUNDLE: tokens/s, accuracy, per-step time breakdown, ratio to PyTorch eager; JSON, CSV, PNG."""
     from pathlib import Path
 
@@ -292,6 +294,13 @@ def bench_command(bundle: str, algs: str, sweeps: tuple[str, ...], task: str | N
     settings = {"bundle": bundle, "engine": engine, "threads": threads, "algs": algs, "sweeps": list(sweeps),
                 "task": task, "prompts": prompts_file, "random_prompts": random_prompts, "n": len(prompts),
                 "max_new_tokens": max_new_tokens, "repeat": repeat}
+    if step_profile:
+        from apd_deploy.bench.runner import step_profile as profile
+
+        settings["step_ms_at"] = profile(runtime, prompts[0], (128, 1024), {})
+        at = settings["step_ms_at"]
+        click.echo(f"APD step at 128 generated tokens {at[128]:.1f} ms, at 1024 {at[1024]:.1f} ms "
+                   f"({at[1024] / at[128]:.2f}x)")
     written = write_results(Path(out), settings, results)
     click.echo(format_table(results))
     click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)

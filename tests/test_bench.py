@@ -66,3 +66,15 @@ def test_bench_with_a_task_measures_accuracy_and_plots_the_pareto_frontier(tiny_
 def test_bench_needs_exactly_one_prompt_source(tiny_bundle, tmp_path):
     result = subprocess.run([CLI, "bench", str(tiny_bundle), "--out", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 1 and "give exactly one of --task" in result.stderr
+
+
+def test_step_profile_times_full_window_steps(tiny_bundle):
+    from apd_deploy.bench.runner import Prompt, step_profile
+    from apd_deploy.runtime import Runtime
+
+    runtime = Runtime.load(tiny_bundle)
+    profile = step_profile(runtime, Prompt([5, 6, 7]), (32, 256), {"max_lookahead": 50}, span=16)
+    assert set(profile) == {32, 256} and all(ms > 0 for ms in profile.values())
+    assert runtime.eos_ids  # restored after the profile
+    with pytest.raises(GenerationError, match="positions"):
+        step_profile(runtime, Prompt([5]), (1024,), {})

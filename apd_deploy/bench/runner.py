@@ -180,3 +180,27 @@ def benchmark(runtime, algs: str, sweeps: list[str], prompts: list[Prompt], max_
             run_eager(eager, runtime, result, prompts, max_new_tokens, repeat, progress)
         results.append(result)
     return results
+
+
+def step_profile(runtime, prompt: Prompt, positions: tuple[int, ...], params: dict[str, Any],
+                 span: int = 32) -> dict[int, float]:
+    """Median wall time (ms) of APD steps whose sequence length is within `span` of each position,
+    from one generation long enough that every step still has its full lookahead window."""
+    import time
+
+    lookahead = params.get("max_lookahead", runtime.defaults.max_lookahead)
+    longest = max(positions) + span
+    if len(prompt.ids) + longest + lookahead > runtime.max_positions:
+        raise GenerationError(f"a step profile up to {longest} tokens needs {len(prompt.ids) + longest + lookahead} "
+                              f"positions; the models have {runtime.max_positions}")
+    saved, runtime.eos_ids = runtime.eos_ids, frozenset()  # generate the full length
+    try:
+        times, length, last = [], len(prompt.ids), time.perf_counter()
+        for chunk in runtime.stream(prompt.ids, alg="apd", max_new_tokens=longest + lookahead, **params):
+            now = time.perf_counter()
+            times.append((length, 1000 * (now - last)))
+            length, last = length + len(chunk.token_ids), now
+    finally:
+        runtime.eos_ids = saved
+    start = len(prompt.ids)
+    return {p: statistics.median(ms for at, ms in times if abs(at - start - p) <= span) for p in positions}
