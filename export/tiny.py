@@ -1,9 +1,10 @@
-"""`apd-deploy make-tiny`: a pair of small random checkpoints in the real formats.
+"""`apd-deploy make-tiny`: a pair of random checkpoints in the real formats.
 
-The pair exercises what real pairs have: grouped-query attention, q/k/v biases, a verifier with
-tied embeddings, and a dLLM vocabulary larger than the verifier's (Dream has 152064 rows,
-Qwen2.5 151936). Weights are drawn with std 0.3 so that a random model's predictions vary
-from position to position instead of repeating one token.
+The default `tiny` pair exercises what real pairs have: grouped-query attention, q/k/v biases,
+a verifier with tied embeddings, and a dLLM vocabulary larger than the verifier's (Dream has
+152064 rows, Qwen2.5 151936). The `30m` preset has realistic proportions for CPU benchmarks.
+Weights are drawn with std 0.3 so that a random model's predictions vary from position to
+position instead of repeating one token.
 """
 
 from __future__ import annotations
