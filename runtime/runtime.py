@@ -130,13 +130,17 @@ class Runtime:
         return np.asarray(ids, dtype=np.int64)
 
     def generate(self, prompt: str | Sequence[int], chat: bool = False, **params: Any) -> GenerationResult:
-        stream = self.stream(prompt, chat=chat, **params)
+        # No chunk texts: the whole text is decoded once at the end.
+        stream = self._start(prompt, chat, params, chunk_text=False)
         for _ in stream:
             pass
         return stream.result
 
     def stream(self, prompt: str | Sequence[int], chat: bool = False, **params: Any) -> Generation:
         """Like `generate`, but iterate the returned object for each step's committed chunk."""
+        return self._start(prompt, chat, params, chunk_text=True)
+
+    def _start(self, prompt: str | Sequence[int], chat: bool, params: dict[str, Any], chunk_text: bool) -> Generation:
         p = self.params(**params)
         ids = self.prompt_ids(prompt, chat)
         if len(ids) + p.max_new_tokens > self.max_positions:
@@ -148,7 +152,7 @@ class Runtime:
         sampler = Sampler(p.sampling, self.vocab_size, self.xp)
         canvas = Canvas.start(ids, p.max_new_tokens, self.mask_id, self.vocab_size, sampler)
         generation = Generation(iter(()))
-        generation._chunks = self._run(self._decoder(canvas, p), canvas, generation)
+        generation._chunks = self._run(self._decoder(canvas, p), canvas, generation, chunk_text)
         return generation
 
     def _decoder(self, canvas: Canvas, p: GenerationParams) -> Decoder:
@@ -160,7 +164,7 @@ class Runtime:
             return diffusion(canvas, self.dllm, p.steps or p.max_new_tokens, p.diffusion_order)
         return autoregressive(canvas, self.verifier)
 
-    def _run(self, decoder: Decoder, canvas: Canvas, generation: Generation) -> Iterator[Chunk]:
+    def _run(self, decoder: Decoder, canvas: Canvas, generation: Generation, chunk_text: bool) -> Iterator[Chunk]:
         started = time.perf_counter()
         generated: list[int] = []
         accepted: list[int] = []
@@ -173,7 +177,7 @@ class Runtime:
             accepted.append(step.committed - (len(step.tokens) - len(tokens)))
             generated += tokens
             delta = None
-            if self.tokenizer is not None and tokens:
+            if chunk_text and self.tokenizer is not None and tokens:
                 full = self.tokenizer.decode(generated)
                 # Hold back a trailing partial UTF-8 character until its other bytes arrive.
                 if not full.endswith("\ufffd"):

@@ -16,7 +16,6 @@ Checkpoints are written as ordinary Hugging Face directories that `apd-deploy ex
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import math
@@ -109,7 +108,7 @@ def ar_loss(model: DecoderLM, data: Data, size: int) -> torch.Tensor:
 
 
 def diffusion_loss(model: DecoderLM, data: Data, size: int, rng: random.Random, suffix_share: float) -> torch.Tensor:
-    rows, masked = [], []
+    rows = []
     for problem in itertools.islice(data.train, size):
         prompt, answer = data.encode(problem)
         canvas = answer + [data.ids[EOS]] * (CANVAS - len(answer))
