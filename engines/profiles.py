@@ -8,7 +8,8 @@ The shapes each graph sees during decoding are known in advance:
   accepted, and M lookahead positions (at most W + 2M - 1) over a cache of any length, and the
   verifier at most M drafted tokens (1 for AR decoding) over a cache of at least one position.
 Two profiles, one per regime, let TensorRT tune kernels for the short steady-state windows
-instead of for the longest possible prefill.
+instead of for the longest possible prefill. Logits are asked for at most every row of a window;
+typically the dLLM wants its M lookahead rows and the verifier all of its rows.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Profile:
     batch: Range
     seq_len: Range
     past_len: Range
+    logit_len: Range
 
     def input_shapes(self, kv_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], ...]]:
         """(min, opt, max) shape of every graph input under this profile."""
@@ -34,6 +36,7 @@ class Profile:
             "position_ids": tuple((self.batch[i], self.seq_len[i]) for i in per_point),
             "attention_mask": tuple((self.batch[i], total[i]) for i in per_point),
             "past_kv": tuple((self.batch[i], self.past_len[i], *kv_shape) for i in per_point),
+            "logit_rows": tuple((self.logit_len[i],) for i in per_point),
         }
 
     def to_dict(self) -> dict:
@@ -51,10 +54,13 @@ def derive_profiles(role: str, max_seq_len: int, kv_window: int, max_lookahead: 
     if role == "dllm":
         steady_window = min(kv_window + 2 * max_lookahead - 1, max_seq_len)
         opt = opt_window or kv_window + max_lookahead
-        steady = Profile("steady", batch, _range(1, opt, steady_window), _range(0, max_seq_len // 2, max_seq_len - 1))
+        steady = Profile("steady", batch, _range(1, opt, steady_window), _range(0, max_seq_len // 2, max_seq_len - 1),
+                         _range(1, max_lookahead, steady_window))
     else:
         steady_window = min(max_lookahead, max_seq_len - 1)
         opt = opt_window or max_lookahead
-        steady = Profile("steady", batch, _range(1, opt, steady_window), _range(1, max_seq_len // 2, max_seq_len - 1))
-    prefill = Profile("prefill", batch, _range(1, max_lookahead + 128, max_seq_len), (0, 0, 0))
+        steady = Profile("steady", batch, _range(1, opt, steady_window), _range(1, max_seq_len // 2, max_seq_len - 1),
+                         _range(1, opt, steady_window))
+    prefill = Profile("prefill", batch, _range(1, max_lookahead + 128, max_seq_len), (0, 0, 0),
+                      _range(1, max_lookahead, max_seq_len))
     return [steady, prefill]

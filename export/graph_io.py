@@ -11,8 +11,8 @@ from typing import Any
 from apd_deploy.export.config import ModelConfig
 
 # Symbolic axes. The mask's length is its own axis: it equals past_len + seq_len at run time,
-# but exporters want it declared independently.
-DYNAMIC_AXES = ("batch", "seq_len", "past_len", "total_len")
+# but exporters want it declared independently. logit_len: how many window rows get logits.
+DYNAMIC_AXES = ("batch", "seq_len", "past_len", "total_len", "logit_len")
 
 
 def graph_io(cfg: ModelConfig, kv_dtype: str) -> dict[str, list[dict[str, Any]]]:
@@ -24,9 +24,10 @@ def graph_io(cfg: ModelConfig, kv_dtype: str) -> dict[str, list[dict[str, Any]]]
             {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq_len"]},
             {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_len"]},
             {"name": "past_kv", "dtype": kv_dtype, "shape": ["batch", "past_len", *kv]},
+            {"name": "logit_rows", "dtype": "int64", "shape": ["logit_len"]},
         ],
         "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": ["batch", "seq_len", cfg.vocab_size]},
+            {"name": "logits", "dtype": "float32", "shape": ["batch", "logit_len", cfg.vocab_size]},
             {"name": "new_kv", "dtype": kv_dtype, "shape": ["batch", "seq_len", *kv]},
         ],
     }

@@ -72,7 +72,8 @@ def onnx_stepper(session, kv_shape: tuple[int, ...], kv_dtype: np.dtype) -> Step
     def step(tokens: np.ndarray, keep: int, new: int) -> np.ndarray:
         nonlocal cache
         ids, positions, mask = _inputs(tokens, keep, new)
-        feed = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "past_kv": cache[:, :keep]}
+        feed = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "past_kv": cache[:, :keep],
+                "logit_rows": np.arange(new, dtype=np.int64)}
         logits, new_kv = session.run(["logits", "new_kv"], feed)
         cache = np.concatenate([cache[:, :keep], new_kv], axis=1)
         return logits

@@ -16,7 +16,8 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 def example_inputs(model: DecoderLM, batch: int = 2, seq_len: int = 5, past_len: int = 3) -> tuple[torch.Tensor, ...]:
     """Example inputs for tracing. Every dynamic axis must be >= 2 here, or the exporter
-    specialises the graph to that size (a window of 1 would bake a decode-only path)."""
+    specialises the graph to that size (a window of 1 would bake a decode-only path), and
+    different from the others, or it may tie them together."""
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
@@ -24,7 +25,8 @@ def example_inputs(model: DecoderLM, batch: int = 2, seq_len: int = 5, past_len:
     attention_mask = torch.ones(batch, past_len + seq_len, dtype=torch.int64)
     past_kv = model.empty_cache(batch).new_zeros((batch, past_len, *model.empty_cache(1).shape[2:]))
     past_kv.normal_(generator=g)
-    return input_ids, position_ids, attention_mask, past_kv
+    logit_rows = torch.arange(1, seq_len)
+    return input_ids, position_ids, attention_mask, past_kv, logit_rows
 
 
 def parameter_bytes(model: DecoderLM) -> int:
@@ -38,6 +40,7 @@ def trace_to_onnx(model: DecoderLM, out_path: Path, opset: int) -> None:
     dims = {name: torch.export.Dim(name, min=0) for name in DYNAMIC_AXES}
     dims["batch"] = torch.export.Dim("batch", min=1)
     dims["seq_len"] = torch.export.Dim("seq_len", min=1)
+    dims["logit_len"] = torch.export.Dim("logit_len", min=1)
     dynamic_shapes = {
         spec["name"]: {axis: dims[a] for axis, a in enumerate(spec["shape"]) if isinstance(a, str)}
         for spec in io["inputs"]

@@ -52,8 +52,8 @@ def verify(canvas: Canvas, verifier: DecoderEngine, cache: KVCache, curr: int, d
         stop = min(start + chunk, size)
         if cache.length == 0:  # first step: prefill the prompt together with the first chunk
             fed = xp.concatenate([xp.asarray(canvas.x[:curr]), draft[:stop]])
-            logits, new_kv = canvas.run("verifier", verifier, fed, cache)
-            rows = logits[curr - 1 :]
+            # Logits from the prompt's last row on: the rows before it predict the prompt itself.
+            rows, new_kv = canvas.run("verifier", verifier, fed, cache, np.arange(curr - 1, curr + stop, dtype=np.int64))
         else:  # the cache holds [0, curr + start)
             logits, new_kv = canvas.run("verifier", verifier, draft[start:stop], cache)
             rows = xp.concatenate([ar_next[None], logits])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from apd_deploy.runtime.arrays import to_host
 from apd_deploy.runtime.canvas import Canvas, Decoder, Step
 from apd_deploy.runtime.engine import DecoderEngine
@@ -12,9 +14,10 @@ def autoregressive(canvas: Canvas, verifier: DecoderEngine) -> Decoder:
     cache = verifier.new_cache(end)
     fed_from = 0
     for curr in range(canvas.prompt_len, end):
-        logits, new_kv = canvas.run("verifier", verifier, x[fed_from:curr], cache)
+        last_row = np.array([curr - fed_from - 1], dtype=np.int64)  # the prompt's other rows need no logits
+        logits, new_kv = canvas.run("verifier", verifier, x[fed_from:curr], cache, last_row)
         cache.append(new_kv)
-        token = to_host(canvas.sampler.sample(logits[-1:, : canvas.vocab_size]))
+        token = to_host(canvas.sampler.sample(logits[:, : canvas.vocab_size]))
         x[curr] = token[0]
         fed_from = curr
         yield Step(1, token)

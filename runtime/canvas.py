@@ -43,11 +43,11 @@ class Canvas:
         x[: len(prompt)] = prompt
         return cls(x, len(prompt), mask_id, vocab_size, sampler, sampler.xp)
 
-    def run(self, role: str, engine: DecoderEngine, ids, cache: KVCache):
-        """One engine call, counted and timed per model."""
+    def run(self, role: str, engine: DecoderEngine, ids, cache: KVCache, rows=None):
+        """One engine call, counted and timed per model; logits for the window rows `rows` (all by default)."""
         self.forwards[role] += 1
         started = time.perf_counter()
-        out = engine.run(ids, cache)
+        out = engine.run(ids, cache, rows)
         self.engine_seconds[role] += time.perf_counter() - started
         return out
 
@@ -66,12 +66,15 @@ class WindowedDLLM:
         self.left = 0
         self._new_kv = None
 
-    def predict(self, curr: int, right: int):
-        """Logits predicting positions curr..right-1. Dream's logits are shifted: the output row
-        of position j-1 predicts token j (curr > left always, so row j-1 is in the window)."""
+    def predict(self, curr: int, right: int, count: int | None = None):
+        """Logits predicting positions curr..right-1 (only the first `count` of them if given) from a
+        window that runs to `right`. Dream's logits are shifted: the output row of position j-1
+        predicts token j (curr > left always, so row j-1 is in the window)."""
         self.cache.crop(self.left)
-        logits, self._new_kv = self.canvas.run("dllm", self.engine, self.canvas.x[self.left : right], self.cache)
-        return logits[curr - 1 - self.left : right - 1 - self.left, : self.canvas.vocab_size]
+        first = curr - 1 - self.left
+        rows = np.arange(first, first + (right - curr if count is None else count), dtype=np.int64)
+        logits, self._new_kv = self.canvas.run("dllm", self.engine, self.canvas.x[self.left : right], self.cache, rows)
+        return logits[:, : self.canvas.vocab_size]
 
     def advance(self, curr: int) -> None:
         """Call once per step with `curr`, the first position this step decided."""

@@ -37,9 +37,9 @@ def diffusion(canvas: Canvas, dllm: DecoderEngine, steps: int, order: str) -> De
         masked = masked[masked >= canvas.prompt_len]
         if len(masked) == 0:
             return
-        logits, _ = canvas.run("dllm", dllm, x, empty)
         # Shifted logits: the row of position j-1 predicts j.
-        scores = sampler.scores(logits[xp.asarray(masked - 1), : canvas.vocab_size])
+        logits, _ = canvas.run("dllm", dllm, x, empty, masked - 1)
+        scores = sampler.scores(logits[:, : canvas.vocab_size])
         tokens = pick(xp, scores, sampler.noise(len(masked)))
         sure = confidence(xp, softmax(xp, scores), tokens, order)
         t, s = timesteps[i], timesteps[i + 1]

@@ -21,6 +21,7 @@ from apd_deploy.runtime.arrays import to_host
 from apd_deploy.runtime.kv_cache import KVCache
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+GRAPH_INPUTS = ("input_ids", "position_ids", "attention_mask", "past_kv", "logit_rows")
 # APD alternates between two sessions. A session's worker threads spin for a while after each
 # call by default, and then burn the cores the other session is about to use.
 SPIN_BETWEEN_CALLS = False
@@ -42,7 +43,12 @@ class DecoderSpec:
     kv_dtype: str
 
     @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> DecoderSpec:
+    def from_manifest(cls, entry: dict[str, Any], manifest_path: Path, role: str) -> DecoderSpec:
+        names = [t["name"] for t in entry["inputs"]]
+        missing = [name for name in GRAPH_INPUTS if name not in names]
+        if missing:
+            raise BundleError(f"{manifest_path}: models.{role}.inputs lacks {', '.join(missing)}: the bundle was "
+                              "exported by an older apd-deploy; export it again with apd-deploy export")
         past = next(t for t in entry["inputs"] if t["name"] == "past_kv")
         return cls(entry["config"]["vocab_size"], entry["config"]["max_position_embeddings"],
                    tuple(past["shape"][2:]), past["dtype"])
@@ -54,9 +60,23 @@ class DecoderEngine(Protocol):
 
     def new_cache(self, capacity: int) -> KVCache: ...
 
-    def run(self, ids, cache: KVCache) -> tuple[Any, Any]:
+    def run(self, ids, cache: KVCache, rows=None) -> tuple[Any, Any]:
         """Feed `ids` (1-D, host or device) at the positions right after `cache`; returns logits
-        [n, vocab] and the window's keys/values [1, n, ...]. The cache itself is not changed."""
+        [len(rows), vocab] for the window rows `rows` (int64 indices; default: every row) and the
+        window's keys/values [1, n, ...]. The cache itself is not changed."""
+
+
+def window_feed(xp: ModuleType, ids, cache: KVCache, rows, positions, ones) -> dict[str, Any]:
+    """The graph inputs of one call (ids already [1, n] on the engine's side). `positions` and
+    `ones` are per-engine constants [1, max_positions] sliced here instead of built per call."""
+    start, n = cache.length, ids.shape[1]
+    return {
+        "input_ids": ids,
+        "position_ids": positions[:, start : start + n],
+        "attention_mask": ones[:, : start + n],
+        "past_kv": cache.past(),
+        "logit_rows": positions[0, :n] if rows is None else xp.asarray(rows, dtype=np.int64),
+    }
 
 
 def _session_options(threads: int | None, options: dict[str, Any] | None):
@@ -96,15 +116,9 @@ class OrtCpuDecoder:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(capacity, self.spec.kv_shape, self.kv_dtype)
 
-    def run(self, ids, cache: KVCache):
-        ids = to_host(ids)
-        start, n = cache.length, len(ids)
-        feed = {
-            "input_ids": ids.reshape(1, n),
-            "position_ids": self._positions[:, start : start + n],
-            "attention_mask": self._ones[:, : start + n],
-            "past_kv": cache.past(),
-        }
+    def run(self, ids, cache: KVCache, rows=None):
+        ids = to_host(ids).reshape(1, -1)
+        feed = window_feed(np, ids, cache, None if rows is None else to_host(rows), self._positions, self._ones)
         logits, new_kv = self.session.run(["logits", "new_kv"], feed)
         return (logits[0] if self.xp is np else self.xp.asarray(logits[0])), new_kv
 
@@ -141,17 +155,15 @@ class OrtCudaDecoder:
         bind = binding.bind_output if output else binding.bind_input
         bind(name, "cuda", 0, array.dtype.type, list(array.shape), array.data.ptr)
 
-    def run(self, ids, cache: KVCache):
+    def run(self, ids, cache: KVCache, rows=None):
         cupy = self.xp
         ids = cupy.asarray(ids, dtype=np.int64).reshape(1, -1)
-        start, n = cache.length, ids.shape[1]
-        logits = cupy.empty((1, n, self.spec.vocab_size), dtype=np.float32)
-        new_kv = cupy.empty((1, n, *self.spec.kv_shape), dtype=self.kv_dtype)
+        feed = window_feed(cupy, ids, cache, rows, self._positions, self._ones)
+        logits = cupy.empty((1, len(feed["logit_rows"]), self.spec.vocab_size), dtype=np.float32)
+        new_kv = cupy.empty((1, ids.shape[1], *self.spec.kv_shape), dtype=self.kv_dtype)
         binding = self.session.io_binding()
-        self._bind(binding, "input_ids", ids)
-        self._bind(binding, "position_ids", cupy.ascontiguousarray(self._positions[:, start : start + n]))
-        self._bind(binding, "attention_mask", self._ones[:, : start + n])
-        self._bind(binding, "past_kv", cache.past())
+        for name, array in feed.items():
+            self._bind(binding, name, cupy.ascontiguousarray(array))
         self._bind(binding, "logits", logits, output=True)
         self._bind(binding, "new_kv", new_kv, output=True)
         # cupy wrote the inputs on its stream; onnxruntime reads them on its own.

@@ -15,7 +15,7 @@ def leftright(canvas: Canvas, dllm: DecoderEngine, tokens_per_step: int, kv_wind
     while curr < end:
         right = min(curr + max_lookahead, end)
         count = min(tokens_per_step, right - curr)
-        tokens = to_host(canvas.sampler.sample(window.predict(curr, right)[:count]))
+        tokens = to_host(canvas.sampler.sample(window.predict(curr, right, count)))
         x[curr : curr + count] = tokens
         window.advance(curr)
         curr += count

@@ -92,7 +92,8 @@ class Runtime:
         """
         bundle = Path(bundle)
         manifest = read_manifest(bundle, verify=verify)
-        specs = {role: DecoderSpec.from_manifest(manifest["models"][role]) for role in ("dllm", "verifier")}
+        specs = {role: DecoderSpec.from_manifest(manifest["models"][role], bundle / "manifest.json", role)
+                 for role in ("dllm", "verifier")}
         _check_pair(bundle, manifest, specs)
         record = _engine_record(bundle, manifest, engine)
         engines = {role: _open_engine(bundle, manifest, engine, record, role, specs[role], threads, array_backend)

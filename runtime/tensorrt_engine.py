@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from apd_deploy.errors import BundleError, EngineMismatch, GenerationError
-from apd_deploy.runtime.engine import DecoderSpec
+from apd_deploy.runtime.engine import DecoderSpec, window_feed
 from apd_deploy.runtime.kv_cache import KVCache
 
 # bf16 has no numpy/cupy dtype; the runtime only copies the cache, so 16-bit storage carries it.
@@ -78,20 +78,16 @@ class TensorRTDecoder:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(capacity, self.spec.kv_shape, self.kv_dtype, xp=self.xp)
 
-    def run(self, ids, cache: KVCache):
+    def run(self, ids, cache: KVCache, rows=None):
         cupy = self.xp
         with self._lock, self.stream:
             ids = cupy.asarray(ids, dtype=np.int64).reshape(1, -1)
             start, n = cache.length, ids.shape[1]
             context = self.contexts[select_profile(self.profiles, n, start)]
-            logits = cupy.empty((1, n, self.spec.vocab_size), dtype=np.float32)
+            inputs = {name: cupy.ascontiguousarray(array)
+                      for name, array in window_feed(cupy, ids, cache, rows, self._positions, self._ones).items()}
+            logits = cupy.empty((1, len(inputs["logit_rows"]), self.spec.vocab_size), dtype=np.float32)
             new_kv = cupy.empty((1, n, *self.spec.kv_shape), dtype=self.kv_dtype)
-            inputs = {
-                "input_ids": ids,
-                "position_ids": cupy.ascontiguousarray(self._positions[:, start : start + n]),
-                "attention_mask": self._ones[:, : start + n],
-                "past_kv": cache.past(),
-            }
             for tensor_name, array in inputs.items():
                 context.set_input_shape(tensor_name, tuple(array.shape))
             for tensor_name, array in {**inputs, "logits": logits, "new_kv": new_kv}.items():

@@ -152,9 +152,9 @@ def test_profiles_hold_every_call_the_runtime_makes(tiny_bundle, monkeypatch):
     for role, engine in (("dllm", runtime.dllm), ("verifier", runtime.verifier)):
         original = engine.run
 
-        def recording(ids, cache, role=role, original=original):
+        def recording(ids, cache, rows=None, role=role, original=original):
             calls.append((role, len(ids), cache.length))
-            return original(ids, cache)
+            return original(ids, cache, rows)
 
         monkeypatch.setattr(engine, "run", recording)
     runtime.eos_ids = frozenset()
