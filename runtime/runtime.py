@@ -26,7 +26,7 @@ from apd_deploy.runtime.engine import DecoderEngine, DecoderSpec, OrtCpuDecoder,
 from apd_deploy.runtime.leftright import leftright
 from apd_deploy.runtime.params import GenerationParams
 from apd_deploy.runtime.sampling import Sampler, SamplingParams
-from apd_deploy.runtime.tokenizer import BundleTokenizer
+from apd_deploy.runtime.tokenizer import BundleTokenizer, TextStream
 
 
 @dataclass
@@ -169,7 +169,7 @@ class Runtime:
         started = time.perf_counter()
         generated: list[int] = []
         accepted: list[int] = []
-        text = ""
+        pieces = TextStream(self.tokenizer) if chunk_text and self.tokenizer is not None else None
         for step in decoder:
             tokens = step.tokens.tolist()
             eos_at = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
@@ -177,13 +177,7 @@ class Runtime:
                 tokens = tokens[: eos_at + 1]
             accepted.append(step.committed - (len(step.tokens) - len(tokens)))
             generated += tokens
-            delta = None
-            if chunk_text and self.tokenizer is not None and tokens:
-                full = self.tokenizer.decode(generated)
-                # Hold back a trailing partial UTF-8 character until its other bytes arrive.
-                if not full.endswith("\ufffd"):
-                    delta, text = full[len(text):], full
-            yield Chunk(tokens, delta)
+            yield Chunk(tokens, pieces.push(tokens) if pieces is not None and tokens else None)
             if eos_at is not None:
                 break
         seconds = time.perf_counter() - started

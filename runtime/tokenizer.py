@@ -64,6 +64,30 @@ class BundleTokenizer:
         return self.encode(text, add_special_tokens=False)
 
 
+class TextStream:
+    """The text of a growing token sequence, piece by piece, decoding only its last few tokens each
+    time: decoding the whole sequence at every step makes a long generation quadratic.
+
+    Each piece is decoded from the start of the previous piece on, so tokens whose text depends on
+    the token before (a leading space, bytes of one character split over tokens) come out as in a
+    decode of the whole sequence; a trailing incomplete character is held back until it completes."""
+
+    def __init__(self, tokenizer: BundleTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read]: the piece returned last
+
+    def push(self, ids: list[int]) -> str | None:
+        """The text `ids` add, or None while they add nothing printable yet."""
+        self.ids += ids
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return None
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
+
 def _token_text(value: Any) -> str:
     if isinstance(value, dict):  # AddedToken serialised as a dict
         return value.get("content", "")

@@ -4,7 +4,9 @@
 
 For every optimisation the runtime runs the same prompts with it switched off and on, alternately
 (off, on, off, on, ...) so that machine noise hits both alike, and the tokens must be identical.
-Printed: median tokens/s of each, the ratio, and the verifier's share of a step.
+Printed: median tokens/s of each, the ratio, and the dLLM's and verifier's shares of the time.
+Graph-level optimisations (how the exporter writes attention) need the models exported twice:
+the script does that from the checkpoints the bundle was exported from, into a temporary folder.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from apd_deploy.runtime import Runtime, apd, engine
 
 
 @contextmanager
-def whole_draft_verification():
+def whole_draft_verification() -> Iterator[None]:
     """Before: the verifier scores the whole draft (up to M tokens) in one call every step."""
     saved = apd.FIRST_CHUNK
     apd.FIRST_CHUNK = 1 << 30
@@ -29,27 +33,90 @@ def whole_draft_verification():
         apd.FIRST_CHUNK = saved
 
 
-OPTIMISATIONS: dict[str, Callable] = {"verify the draft in chunks, stop at the first rejection": whole_draft_verification}
+@contextmanager
+def logits_for_every_row() -> Iterator[None]:
+    """Before: every engine call computes logits for its whole window; the host keeps the rows it needs."""
+    run = engine.OrtCpuDecoder.run
+
+    def every_row(self, ids, cache, rows=None):
+        logits, new_kv = run(self, ids, cache)
+        return (logits if rows is None else logits[rows]), new_kv
+
+    engine.OrtCpuDecoder.run = every_row
+    try:
+        yield
+    finally:
+        engine.OrtCpuDecoder.run = run
+
+
+@contextmanager
+def threads_spinning() -> Iterator[None]:
+    """Before: onnxruntime's default, worker threads spin after each call."""
+    engine.SPIN_BETWEEN_CALLS = True
+    try:
+        yield
+    finally:
+        engine.SPIN_BETWEEN_CALLS = False
+
+
+@contextmanager
+def attention_mask_by_where() -> Iterator[None]:
+    """Before: the exporter masks attention scores with masked_fill (ONNX Where) in every layer."""
+    import torch
+
+    from apd_deploy.export import transformer
+
+    saved = transformer.apply_mask
+    transformer.apply_mask = lambda scores, bias: scores.masked_fill(bias < 0, torch.finfo(torch.float32).min)
+    try:
+        yield
+    finally:
+        transformer.apply_mask = saved
+
+
+# Switched off around each run of the loaded runtime.
+RUNTIME_OPTIMISATIONS: dict[str, Callable] = {
+    "verify the draft in chunks, stop at the first rejection": whole_draft_verification,
+    "logits only for the rows that are sampled": logits_for_every_row,
+}
 
 
 def run(runtime: Runtime, prompts: list[list[int]], max_new_tokens: int):
     outs = [runtime.generate(p, alg="apd", max_new_tokens=max_new_tokens) for p in prompts]
-    tokens = sum(len(o.token_ids) for o in outs)
     seconds = sum(o.seconds for o in outs)
-    verifier = sum(o.verifier_seconds for o in outs)
-    return tokens / seconds, verifier / seconds, [o.token_ids for o in outs]
+    shares = (sum(o.dllm_seconds for o in outs) / seconds, sum(o.verifier_seconds for o in outs) / seconds)
+    return sum(len(o.token_ids) for o in outs) / seconds, shares, [o.token_ids for o in outs]
 
 
-def compare(name: str, before_runtime: Runtime, after_runtime: Runtime, prompts, args) -> None:
-    before, after, same = [], [], True
-    for _ in range(args.rounds):
-        speed_b, _, tokens_b = run(before_runtime, prompts, args.max_new_tokens)
-        speed_a, _, tokens_a = run(after_runtime, prompts, args.max_new_tokens)
-        before.append(speed_b)
-        after.append(speed_a)
-        same &= tokens_a == tokens_b
-    b, a = statistics.median(before), statistics.median(after)
-    print(f"{name}: {b:.1f} -> {a:.1f} tokens/s ({a / b:.2f}x); tokens {'identical' if same else 'DIFFERENT'}")
+def compare(name: str, before: Callable[[], tuple], after: Callable[[], tuple], rounds: int) -> None:
+    speeds, shares, same = ([], []), ([], []), True
+    for _ in range(rounds):
+        runs = before(), after()
+        for i, (speed, share, _) in enumerate(runs):
+            speeds[i].append(speed)
+            shares[i].append(share)
+        same &= runs[0][2] == runs[1][2]
+    b, a = (statistics.median(s) for s in speeds)
+    dllm, ver = ([f"{statistics.median(s[k] for s in shares[i]):.0%}" for i in (0, 1)] for k in (0, 1))
+    print(f"{name}: {b:.1f} -> {a:.1f} tokens/s ({a / b:.2f}x); dLLM share {dllm[0]} -> {dllm[1]}, "
+          f"verifier share {ver[0]} -> {ver[1]}; tokens {'identical' if same else 'DIFFERENT'}", flush=True)
+
+
+def switched_off(runtime: Runtime, optimisation: Callable, prompts, max_new_tokens: int) -> Callable[[], tuple]:
+    def go():
+        with optimisation():
+            return run(runtime, prompts, max_new_tokens)
+    return go
+
+
+def export_without(optimisation: Callable, bundle: Path, out: Path) -> Path:
+    from apd_deploy.bundle import read_manifest
+    from apd_deploy.export.pipeline import export_bundle
+
+    models = read_manifest(bundle)["models"]
+    with optimisation():
+        export_bundle(models["dllm"]["source"], models["verifier"]["source"], out)
+    return out
 
 
 def main() -> None:
@@ -63,24 +130,18 @@ def main() -> None:
     rng = random.Random(0)
     runtime = Runtime.load(args.bundle, threads=args.threads)
     prompts = [[rng.randrange(300, runtime.vocab_size) for _ in range(16)] for _ in range(args.prompts)]
-    # Spinning is a session option: it needs its own pair of runtimes.
-    engine.SPIN_BETWEEN_CALLS = True
-    spinning = Runtime.load(args.bundle, threads=args.threads)
-    engine.SPIN_BETWEEN_CALLS = False
-    compare(f"onnxruntime threads sleep between calls ({args.threads} threads)", spinning, runtime, prompts, args)
-    for name, switched_off in OPTIMISATIONS.items():
-        before, after, same = [], [], True
-        for _ in range(args.rounds):
-            with switched_off():
-                speed, share_off, tokens_off = run(runtime, prompts, args.max_new_tokens)
-            before.append((speed, share_off))
-            speed, share_on, tokens_on = run(runtime, prompts, args.max_new_tokens)
-            after.append((speed, share_on))
-            same &= tokens_off == tokens_on
-        b, a = statistics.median(s for s, _ in before), statistics.median(s for s, _ in after)
-        print(f"{name}: {b:.1f} -> {a:.1f} tokens/s ({a / b:.2f}x); verifier share of the time "
-              f"{statistics.median(v for _, v in before):.0%} -> {statistics.median(v for _, v in after):.0%}; "
-              f"tokens {'identical' if same else 'DIFFERENT'}")
+    measured = lambda rt: lambda: run(rt, prompts, args.max_new_tokens)  # noqa: E731
+    for name, optimisation in RUNTIME_OPTIMISATIONS.items():
+        compare(name, switched_off(runtime, optimisation, prompts, args.max_new_tokens), measured(runtime), args.rounds)
+    # Spinning is a session option: it needs a runtime of its own.
+    with threads_spinning():
+        spinning = Runtime.load(args.bundle, threads=args.threads)
+    compare(f"onnxruntime threads sleep between calls ({args.threads} threads)", measured(spinning), measured(runtime),
+            args.rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        before = export_without(attention_mask_by_where, Path(args.bundle), Path(tmp) / "bundle")
+        compare("attention masked by adding a bias row instead of Where (graph)",
+                measured(Runtime.load(before, threads=args.threads)), measured(runtime), args.rounds)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,18 @@ def test_greedy_ignores_top_p_and_top_k(runtime):
     assert runtime.generate(PROMPT, max_new_tokens=60, top_p=0.5, top_k=3).token_ids == plain
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_text_stream_pieces_add_up_to_the_whole_decode(runtime, chunk):
+    from apd_deploy.runtime.tokenizer import TextStream
+
+    ids = runtime.tokenizer.encode("Héllo wörld, 3 + 4 = 7 ✓ 日本語 done", add_special_tokens=False)
+    ids = ids + sorted(runtime.eos_ids)[:1] + ids[:3]
+    pieces = TextStream(runtime.tokenizer)
+    text = "".join(pieces.push(ids[i:i + chunk]) or "" for i in range(0, len(ids), chunk))
+    assert text == runtime.tokenizer.decode(ids)
+    assert "\ufffd" not in text
+
+
 def test_stream_yields_each_committed_chunk(runtime):
     stream = runtime.stream("Hello", alg="apd", max_new_tokens=60)
     chunks = list(stream)

@@ -184,8 +184,11 @@ def benchmark(runtime, algs: str, sweeps: list[str], prompts: list[Prompt], max_
 
 def step_profile(runtime, prompt: Prompt, positions: tuple[int, ...], params: dict[str, Any],
                  span: int = 32) -> dict[int, float]:
-    """Median wall time (ms) of APD steps whose sequence length is within `span` of each position,
-    from one generation long enough that every step still has its full lookahead window."""
+    """Median wall time (ms) of APD steps that start within `span` generated tokens of each position.
+
+    One generation per position, long enough that every timed step still has its full lookahead
+    window. Each is brought to its position untimed; then they take steps in turn, so a change in
+    the machine's load during the profile hits every position alike."""
     import time
 
     lookahead = params.get("max_lookahead", runtime.defaults.max_lookahead)
@@ -195,12 +198,18 @@ def step_profile(runtime, prompt: Prompt, positions: tuple[int, ...], params: di
                               f"positions; the models have {runtime.max_positions}")
     saved, runtime.eos_ids = runtime.eos_ids, frozenset()  # generate the full length
     try:
-        times, length, last = [], len(prompt.ids), time.perf_counter()
-        for chunk in runtime.stream(prompt.ids, alg="apd", max_new_tokens=longest + lookahead, **params):
-            now = time.perf_counter()
-            times.append((length, 1000 * (now - last)))
-            length, last = length + len(chunk.token_ids), now
+        streams = {p: iter(runtime.stream(prompt.ids, alg="apd", max_new_tokens=p + span + lookahead, **params))
+                   for p in positions}
+        generated = dict.fromkeys(positions, 0)
+        for p, stream in streams.items():
+            while generated[p] < p - span:
+                generated[p] += len(next(stream).token_ids)
+        times: dict[int, list[float]] = {p: [] for p in positions}
+        while active := [p for p in positions if generated[p] <= p + span]:
+            for p in active:
+                started = time.perf_counter()
+                generated[p] += len(next(streams[p]).token_ids)
+                times[p].append(1000 * (time.perf_counter() - started))
     finally:
         runtime.eos_ids = saved
-    start = len(prompt.ids)
-    return {p: statistics.median(ms for at, ms in times if abs(at - start - p) <= span) for p in positions}
+    return {p: statistics.median(times[p]) for p in positions}
