@@ -26,16 +26,18 @@ class Profile:
     seq_len: Range
     past_len: Range
     logit_len: Range
+    capacity: Range  # the cache buffer handed over: prompt + new tokens of the request
 
-    def input_shapes(self, kv_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    def input_shapes(self, kv_dims: tuple[int, int, int]) -> dict[str, tuple[tuple[int, ...], ...]]:
         """(min, opt, max) shape of every graph input under this profile."""
+        layers, kv_heads, head_dim = kv_dims
         total = tuple(s + p for s, p in zip(self.seq_len, self.past_len))
         per_point = range(3)
         return {
             "input_ids": tuple((self.batch[i], self.seq_len[i]) for i in per_point),
             "position_ids": tuple((self.batch[i], self.seq_len[i]) for i in per_point),
             "attention_mask": tuple((self.batch[i], total[i]) for i in per_point),
-            "past_kv": tuple((self.batch[i], self.past_len[i], *kv_shape) for i in per_point),
+            "past_kv": tuple((layers, 2, self.batch[i], kv_heads, self.capacity[i], head_dim) for i in per_point),
             "logit_rows": tuple((self.logit_len[i],) for i in per_point),
         }
 
@@ -51,16 +53,17 @@ def derive_profiles(role: str, max_seq_len: int, kv_window: int, max_lookahead: 
                     max_batch: int = 1, opt_window: int | None = None) -> list[Profile]:
     """Steady state first: the runtime picks the first profile that holds a call."""
     batch = _range(1, 1, max_batch)
+    capacity = _range(1, max_seq_len // 2, max_seq_len)
     if role == "dllm":
         steady_window = min(kv_window + 2 * max_lookahead - 1, max_seq_len)
         opt = opt_window or kv_window + max_lookahead
         steady = Profile("steady", batch, _range(1, opt, steady_window), _range(0, max_seq_len // 2, max_seq_len - 1),
-                         _range(1, max_lookahead, steady_window))
+                         _range(1, max_lookahead, steady_window), capacity)
     else:
         steady_window = min(max_lookahead, max_seq_len - 1)
         opt = opt_window or max_lookahead
         steady = Profile("steady", batch, _range(1, opt, steady_window), _range(1, max_seq_len // 2, max_seq_len - 1),
-                         _range(1, opt, steady_window))
+                         _range(1, opt, steady_window), capacity)
     prefill = Profile("prefill", batch, _range(1, max_lookahead + 128, max_seq_len), (0, 0, 0),
-                      _range(1, max_lookahead, max_seq_len))
+                      _range(1, max_lookahead, max_seq_len), capacity)
     return [steady, prefill]

@@ -53,7 +53,7 @@ def tensorrt_record(precision: str, tensorrt_version: str, capability: str, gpu:
     }
 
 
-def _build_one(trt, onnx_path: Path, profiles: list[Profile], kv_shape: tuple[int, ...], strongly_typed: bool,
+def _build_one(trt, onnx_path: Path, profiles: list[Profile], kv_dims: tuple[int, int, int], strongly_typed: bool,
                flags: list[str], precision: str, timing_cache: bytes) -> tuple[bytes, bytes]:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -72,7 +72,7 @@ def _build_one(trt, onnx_path: Path, profiles: list[Profile], kv_shape: tuple[in
         config.clear_flag(trt.BuilderFlag.TF32)  # keep fp32 engines token-exact with the CPU run
     for profile in profiles:
         optimisation = builder.create_optimization_profile()
-        for name, (low, opt, high) in profile.input_shapes(kv_shape).items():
+        for name, (low, opt, high) in profile.input_shapes(kv_dims).items():
             optimisation.set_shape(name, low, opt, high)
         config.add_optimization_profile(optimisation)
     cache = config.create_timing_cache(timing_cache)
@@ -92,8 +92,9 @@ def build_tensorrt(bundle: Path, manifest: dict[str, Any], precision: str, profi
     strongly_typed, flags = precision_plan(int(trt.__version__.split(".")[0]), manifest["export"]["dtype"], precision)
     for role in ("dllm", "verifier"):
         entry = manifest["models"][role]
-        kv_shape = tuple(next(t for t in entry["inputs"] if t["name"] == "past_kv")["shape"][2:])
-        plan, timing_cache = _build_one(trt, bundle / entry["graph"], profiles[role], kv_shape, strongly_typed,
+        layers, _, _, kv_heads, _, head_dim = next(t for t in entry["inputs"] if t["name"] == "past_kv")["shape"]
+        kv_dims = (layers, kv_heads, head_dim)
+        plan, timing_cache = _build_one(trt, bundle / entry["graph"], profiles[role], kv_dims, strongly_typed,
                                         flags, precision, timing_cache)
         (out / f"{role}.plan").write_bytes(plan)
     gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"]

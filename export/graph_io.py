@@ -11,23 +11,25 @@ from typing import Any
 from apd_deploy.export.config import ModelConfig
 
 # Symbolic axes. The mask's length is its own axis: it equals past_len + seq_len at run time,
-# but exporters want it declared independently. logit_len: how many window rows get logits.
-DYNAMIC_AXES = ("batch", "seq_len", "past_len", "total_len", "logit_len")
+# but exporters want it declared independently. capacity: the length of the cache buffer handed
+# over, of which the first total_len - seq_len positions are read. logit_len: how many window rows
+# get logits.
+DYNAMIC_AXES = ("batch", "seq_len", "total_len", "capacity", "logit_len")
 
 
 def graph_io(cfg: ModelConfig, kv_dtype: str) -> dict[str, list[dict[str, Any]]]:
     """Inputs and outputs of a decoder graph: name, element type and shape (ints or axis names)."""
-    kv = [cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim]
+    layers, heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     return {
         "inputs": [
             {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq_len"]},
             {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq_len"]},
             {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_len"]},
-            {"name": "past_kv", "dtype": kv_dtype, "shape": ["batch", "past_len", *kv]},
+            {"name": "past_kv", "dtype": kv_dtype, "shape": [layers, 2, "batch", heads, "capacity", head_dim]},
             {"name": "logit_rows", "dtype": "int64", "shape": ["logit_len"]},
         ],
         "outputs": [
             {"name": "logits", "dtype": "float32", "shape": ["batch", "logit_len", cfg.vocab_size]},
-            {"name": "new_kv", "dtype": kv_dtype, "shape": ["batch", "seq_len", *kv]},
+            {"name": "new_kv", "dtype": kv_dtype, "shape": [layers, 2, "batch", heads, "seq_len", head_dim]},
         ],
     }

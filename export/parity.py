@@ -66,16 +66,18 @@ def _inputs(tokens: np.ndarray, keep: int, new: int) -> tuple[np.ndarray, np.nda
     return ids, positions, mask
 
 
-def onnx_stepper(session, kv_shape: tuple[int, ...], kv_dtype: np.dtype) -> StepLogits:
-    cache = np.zeros((BATCH, 0, *kv_shape), dtype=kv_dtype)
+def onnx_stepper(session, empty_cache_shape: tuple[int, ...], kv_dtype: np.dtype) -> StepLogits:
+    """The graph over a cache buffer that is often longer than the past it holds (after a crop),
+    as the runtime hands it over."""
+    cache = np.zeros(empty_cache_shape, dtype=kv_dtype)
 
     def step(tokens: np.ndarray, keep: int, new: int) -> np.ndarray:
         nonlocal cache
         ids, positions, mask = _inputs(tokens, keep, new)
-        feed = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "past_kv": cache[:, :keep],
+        feed = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "past_kv": cache,
                 "logit_rows": np.arange(new, dtype=np.int64)}
         logits, new_kv = session.run(["logits", "new_kv"], feed)
-        cache = np.concatenate([cache[:, :keep], new_kv], axis=1)
+        cache = np.concatenate([cache[..., :keep, :], new_kv], axis=-2)
         return logits
 
     return step
@@ -88,8 +90,8 @@ def torch_stepper(model: DecoderLM) -> StepLogits:
     def step(tokens: np.ndarray, keep: int, new: int) -> np.ndarray:
         nonlocal cache
         ids, positions, mask = (torch.from_numpy(a) for a in _inputs(tokens, keep, new))
-        logits, new_kv = model(ids, positions, mask, cache[:, :keep])
-        cache = torch.cat([cache[:, :keep], new_kv], dim=1)
+        logits, new_kv = model(ids, positions, mask, cache)
+        cache = torch.cat([cache[..., :keep, :], new_kv], dim=-2)
         return logits.numpy()
 
     return step

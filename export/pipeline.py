@@ -25,7 +25,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_ELEMENT_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_OPSET = 18
 APD_DEFAULTS = {"apd_mixture_weight": 0.7, "kv_window": 16, "max_lookahead": 100}
-KV_LAYOUT = "[batch, past_len, num_layers, 2, num_kv_heads, head_dim]"
+KV_LAYOUT = "[num_layers, 2, batch, num_kv_heads, capacity, head_dim]; past_kv's first total_len - seq_len positions are read"
 
 Report = Callable[[str], None]
 
@@ -77,8 +77,7 @@ def _check_graph(ckpt: Checkpoint, onnx_path: Path, dtype: str, tolerance: float
         reference = parity.torch_stepper(ckpt.model)
         reference_name = "apd_deploy.export.transformer"
         tokens = parity.check_tokens(cfg.vocab_size, max(k + n for k, n in steps), cfg.mask_token_id)
-    kv_shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_dim)
-    graph = parity.onnx_stepper(session, kv_shape, np.dtype(ONNX_ELEMENT_TYPES[dtype]))
+    graph = parity.onnx_stepper(session, tuple(ckpt.model.empty_cache(parity.BATCH).shape), np.dtype(ONNX_ELEMENT_TYPES[dtype]))
     result = parity.compare(graph, reference, tokens, steps, dtype, reference_name, tolerance)
     if not result.passed:
         raise ExportCheckError(

@@ -23,7 +23,8 @@ def example_inputs(model: DecoderLM, batch: int = 2, seq_len: int = 5, past_len:
     input_ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
     position_ids = torch.arange(past_len, past_len + seq_len).expand(batch, seq_len).contiguous()
     attention_mask = torch.ones(batch, past_len + seq_len, dtype=torch.int64)
-    past_kv = model.empty_cache(batch).new_zeros((batch, past_len, *model.empty_cache(1).shape[2:]))
+    empty = model.empty_cache(batch)
+    past_kv = empty.new_zeros((*empty.shape[:4], past_len + 3, empty.shape[5]))  # a buffer longer than the past
     past_kv.normal_(generator=g)
     logit_rows = torch.arange(1, seq_len)
     return input_ids, position_ids, attention_mask, past_kv, logit_rows

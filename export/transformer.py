@@ -7,10 +7,12 @@ the window's own keys/values, so a runtime can keep the cache in a preallocated 
 write new entries in place.
 
 KV layout, shared by the graph inputs and outputs:
-    past_kv  [batch, past_len, num_layers, 2, num_kv_heads, head_dim]   (2 = key, value)
-    new_kv   [batch, seq_len,  num_layers, 2, num_kv_heads, head_dim]
-Time is the outermost axis after batch, so a cache cropped to its first n positions is a
-contiguous prefix of the buffer.
+    past_kv  [num_layers, 2, batch, num_kv_heads, capacity, head_dim]   (2 = key, value)
+    new_kv   [num_layers, 2, batch, num_kv_heads, seq_len,  head_dim]
+past_kv is a whole cache buffer: only its first past_len = attention_mask length - seq_len
+positions are read, so a runtime hands over its preallocated buffer as it is, whatever its
+length, and crops by changing a number. Each layer's keys are a contiguous block per head, the
+layout attention multiplies with: no per-layer gather or transpose of the cache.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class Attention(nn.Module):
         """x [b, s, hidden]; past_k/v [b, kv_heads, p, d]; mask_bias [b, 1, 1 or s, p+s] fp32
         (0 where a query may attend, the lowest float where it may not).
 
-        Returns the output and this window's keys/values [b, s, kv_heads, d].
+        Returns the output and this window's keys/values [b, kv_heads, s, d].
         """
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
@@ -84,7 +86,7 @@ class Attention(nn.Module):
         probs = torch.softmax(scores, dim=-1).to(values.dtype).view(b, self.kv_heads, group * s, -1)
         out = torch.matmul(probs, values).view(b, self.heads, s, self.head_dim)
         out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
-        return self.o_proj(out), k.transpose(1, 2), v.transpose(1, 2)
+        return self.o_proj(out), k, v
 
 
 class MLP(nn.Module):
@@ -135,7 +137,7 @@ class DecoderLM(nn.Module):
     def empty_cache(self, batch: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         c = self.config
         dtype = dtype or self.model.embed_tokens.weight.dtype
-        return torch.zeros(batch, 0, c.num_hidden_layers, 2, c.num_key_value_heads, c.head_dim, dtype=dtype)
+        return torch.zeros(c.num_hidden_layers, 2, batch, c.num_key_value_heads, 0, c.head_dim, dtype=dtype)
 
     def forward(
         self,
@@ -155,7 +157,8 @@ class DecoderLM(nn.Module):
         cfg = self.config
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
-        s, past_len = input_ids.shape[1], past_kv.shape[1]
+        s = input_ids.shape[1]
+        past_len = attention_mask.shape[1] - s
         allowed = attention_mask.bool()[:, None, None, :]
         if cfg.causal:
             key_pos = torch.arange(attention_mask.shape[1], device=x.device)
@@ -166,11 +169,11 @@ class DecoderLM(nn.Module):
         mask_bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
         new_kv = []
         for i, layer in enumerate(self.model.layers):
-            past_k = past_kv[:, :, i, 0].transpose(1, 2)
-            past_v = past_kv[:, :, i, 1].transpose(1, 2)
+            past_k = past_kv[i, 0, :, :, :past_len]
+            past_v = past_kv[i, 1, :, :, :past_len]
             x, k, v = layer(x, cos, sin, past_k, past_v, mask_bias)
-            new_kv.append(torch.stack([k, v], dim=2))
+            new_kv.append(torch.stack([k, v]))
         if logit_rows is not None:
             x = x.index_select(1, logit_rows)
         logits = self.lm_head(self.model.norm(x)).float()
-        return logits, torch.stack(new_kv, dim=2)
+        return logits, torch.stack(new_kv)

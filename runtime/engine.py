@@ -39,7 +39,7 @@ class DecoderSpec:
 
     vocab_size: int
     max_positions: int
-    kv_shape: tuple[int, ...]
+    kv_dims: tuple[int, int, int]  # layers, kv_heads, head_dim
     kv_dtype: str
 
     @classmethod
@@ -50,8 +50,16 @@ class DecoderSpec:
             raise BundleError(f"{manifest_path}: models.{role}.inputs lacks {', '.join(missing)}: the bundle was "
                               "exported by an older apd-deploy; export it again with apd-deploy export")
         past = next(t for t in entry["inputs"] if t["name"] == "past_kv")
+        if past["shape"][4] != "capacity":
+            raise BundleError(f"{manifest_path}: models.{role}.inputs: past_kv is laid out {past['shape']}, an older "
+                              "layout; export the bundle again with apd-deploy export")
+        layers, _, _, kv_heads, _, head_dim = past["shape"]
         return cls(entry["config"]["vocab_size"], entry["config"]["max_position_embeddings"],
-                   tuple(past["shape"][2:]), past["dtype"])
+                   (layers, kv_heads, head_dim), past["dtype"])
+
+    def new_kv_shape(self, seq_len: int) -> tuple[int, ...]:
+        layers, kv_heads, head_dim = self.kv_dims
+        return (layers, 2, 1, kv_heads, seq_len, head_dim)
 
 
 class DecoderEngine(Protocol):
@@ -74,7 +82,7 @@ def window_feed(xp: ModuleType, ids, cache: KVCache, rows, positions, ones) -> d
         "input_ids": ids,
         "position_ids": positions[:, start : start + n],
         "attention_mask": ones[:, : start + n],
-        "past_kv": cache.past(),
+        "past_kv": cache.buffer,
         "logit_rows": positions[0, :n] if rows is None else xp.asarray(rows, dtype=np.int64),
     }
 
@@ -114,7 +122,7 @@ class OrtCpuDecoder:
         self._ones = np.ones((1, spec.max_positions), dtype=np.int64)
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(capacity, self.spec.kv_shape, self.kv_dtype)
+        return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype)
 
     def run(self, ids, cache: KVCache, rows=None):
         ids = to_host(ids).reshape(1, -1)
@@ -148,7 +156,7 @@ class OrtCudaDecoder:
         self._ones = cupy.ones((1, spec.max_positions), dtype=np.int64)
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(capacity, self.spec.kv_shape, self.kv_dtype, xp=self.xp)
+        return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype, xp=self.xp)
 
     @staticmethod
     def _bind(binding, name: str, array, output: bool = False) -> None:
@@ -160,7 +168,7 @@ class OrtCudaDecoder:
         ids = cupy.asarray(ids, dtype=np.int64).reshape(1, -1)
         feed = window_feed(cupy, ids, cache, rows, self._positions, self._ones)
         logits = cupy.empty((1, len(feed["logit_rows"]), self.spec.vocab_size), dtype=np.float32)
-        new_kv = cupy.empty((1, ids.shape[1], *self.spec.kv_shape), dtype=self.kv_dtype)
+        new_kv = cupy.empty(self.spec.new_kv_shape(ids.shape[1]), dtype=self.kv_dtype)
         binding = self.session.io_binding()
         for name, array in feed.items():
             self._bind(binding, name, cupy.ascontiguousarray(array))

@@ -76,7 +76,7 @@ class TensorRTDecoder:
         self._lock = threading.Lock()
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(capacity, self.spec.kv_shape, self.kv_dtype, xp=self.xp)
+        return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype, xp=self.xp)
 
     def run(self, ids, cache: KVCache, rows=None):
         cupy = self.xp
@@ -87,7 +87,7 @@ class TensorRTDecoder:
             inputs = {name: cupy.ascontiguousarray(array)
                       for name, array in window_feed(cupy, ids, cache, rows, self._positions, self._ones).items()}
             logits = cupy.empty((1, len(inputs["logit_rows"]), self.spec.vocab_size), dtype=np.float32)
-            new_kv = cupy.empty((1, n, *self.spec.kv_shape), dtype=self.kv_dtype)
+            new_kv = cupy.empty(self.spec.new_kv_shape(n), dtype=self.kv_dtype)
             for tensor_name, array in inputs.items():
                 context.set_input_shape(tensor_name, tuple(array.shape))
             for tensor_name, array in {**inputs, "logits": logits, "new_kv": new_kv}.items():

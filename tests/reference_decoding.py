@@ -15,7 +15,7 @@ def _forward(model, tokens, start, cache):
     mask = torch.ones(1, start + n, dtype=torch.int64)
     with torch.no_grad():
         logits, kv = model(tokens[None], positions, mask, cache)
-    return logits[0], torch.cat([cache, kv], dim=1)
+    return logits[0], torch.cat([cache, kv], dim=-2)
 
 
 def _truncate_at_eos(tokens, eos_ids):
@@ -39,7 +39,7 @@ def reference_apd(dllm, verifier, prompt, max_new_tokens, R, W, M, mask_id, eos_
         # 1-3: window and dLLM forward over the cache of [0, left)
         right = min(curr + M, L)
         left = 0 if first else max(curr - W - a + 1, 0)
-        dllm_cache = dllm_cache[:, :left]
+        dllm_cache = dllm_cache[..., :left, :]
         logits, dllm_cache = _forward(dllm, x[left:right], left, dllm_cache)
         logits = torch.cat([logits[:1], logits[:-1]])  # shifted: row j-1 predicts j
         dllm_logits = logits[curr - left : right - left, :vocab]
@@ -63,7 +63,7 @@ def reference_apd(dllm, verifier, prompt, max_new_tokens, R, W, M, mask_id, eos_
             a += 1
         # 7: commit, crop, save the prediction for curr + a
         x[curr : curr + a] = x0[:a]
-        ar_cache = ar_cache[:, : curr + a]
+        ar_cache = ar_cache[..., : curr + a, :]
         saved = ar_logits[curr + a - 1 - offset]
         curr += a
         first = False
@@ -83,7 +83,7 @@ def reference_leftright(dllm, prompt, max_new_tokens, K, W, M, mask_id, eos_ids,
     while curr < L:
         right = min(curr + M, L)
         left = 0 if first else max(curr - W - a + 1, 0)
-        cache = cache[:, :left]
+        cache = cache[..., :left, :]
         logits, cache = _forward(dllm, x[left:right], left, cache)
         logits = torch.cat([logits[:1], logits[:-1]])
         a = min(K, right - curr)

@@ -139,8 +139,10 @@ def test_profiles_follow_the_apd_parameters():
     assert dllm["steady"].batch == (1, 1, 4)
     verifier = {p.name: p for p in derive_profiles("verifier", 2048, 16, 100, opt_window=8)}
     assert verifier["steady"].seq_len == (1, 8, 100) and verifier["steady"].past_len == (1, 1024, 2047)
-    shapes = dllm["steady"].input_shapes((28, 2, 4, 128))
-    assert shapes["past_kv"] == ((1, 0, 28, 2, 4, 128), (1, 1024, 28, 2, 4, 128), (4, 2047, 28, 2, 4, 128))
+    shapes = dllm["steady"].input_shapes((28, 4, 128))
+    # The whole cache buffer goes in: its length is the request's, at most the engine's max.
+    assert shapes["past_kv"] == ((28, 2, 1, 4, 1, 128), (28, 2, 1, 4, 1024, 128), (28, 2, 4, 4, 2048, 128))
+    assert shapes["logit_rows"] == ((1,), (100,), (215,))  # the M lookahead rows to tune for
     assert shapes["attention_mask"] == ((1, 1), (1, 1140), (4, 2262))
 
 

@@ -41,7 +41,7 @@ class EagerAPD:
         positions = torch.arange(start, start + tokens.shape[0])[None]
         mask = torch.ones(1, start + tokens.shape[0], dtype=torch.int64)
         logits, kv = model(tokens[None], positions, mask, cache)
-        return logits[0], torch.cat([cache, kv], dim=1)
+        return logits[0], torch.cat([cache, kv], dim=-2)
 
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, mixture_weight: float, kv_window: int,
@@ -56,7 +56,7 @@ class EagerAPD:
         while curr < end:
             right = min(curr + max_lookahead, end)
             left = 0 if steps == 0 else max(curr - kv_window - accepted + 1, 0)
-            logits, dllm_cache = self._call(self.dllm, x[left:right], left, dllm_cache[:, :left])
+            logits, dllm_cache = self._call(self.dllm, x[left:right], left, dllm_cache[..., :left, :])
             logits = torch.cat([logits[:1], logits[:-1]])[curr - left : right - left, :vocab]
             draft = _top_p(logits, top_p).argmax(-1)
             if steps == 0:
@@ -72,7 +72,7 @@ class EagerAPD:
             while accepted < len(draft) and draft[accepted] == target[accepted]:
                 accepted += 1
             x[curr : curr + accepted] = draft[:accepted]
-            ar_cache = ar_cache[:, : curr + accepted]
+            ar_cache = ar_cache[..., : curr + accepted, :]
             saved = ar_logits[curr + accepted - 1 - offset]
             curr += accepted
             steps += 1
