@@ -50,9 +50,6 @@ class DecoderSpec:
             raise BundleError(f"{manifest_path}: models.{role}.inputs lacks {', '.join(missing)}: the bundle was "
                               "exported by an older apd-deploy; export it again with apd-deploy export")
         past = next(t for t in entry["inputs"] if t["name"] == "past_kv")
-        if past["shape"][4] != "capacity":
-            raise BundleError(f"{manifest_path}: models.{role}.inputs: past_kv is laid out {past['shape']}, an older "
-                              "layout; export the bundle again with apd-deploy export")
         layers, _, _, kv_heads, _, head_dim = past["shape"]
         return cls(entry["config"]["vocab_size"], entry["config"]["max_position_embeddings"],
                    (layers, kv_heads, head_dim), past["dtype"])
