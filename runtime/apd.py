@@ -12,9 +12,6 @@ from apd_deploy.runtime.engine import DecoderEngine
 from apd_deploy.runtime.kv_cache import KVCache
 from apd_deploy.runtime.sampling import pick
 
-# Draft positions scored by the verifier's first call of a step; each further call doubles.
-FIRST_CHUNK = 8
-
 
 def apd(canvas: Canvas, dllm: DecoderEngine, verifier: DecoderEngine,
         mixture_weight: float, kv_window: int, max_lookahead: int) -> Decoder:
@@ -47,7 +44,7 @@ def verify(canvas: Canvas, verifier: DecoderEngine, cache: KVCache, curr: int, d
     now committed.
     """
     xp, sampler, size = canvas.xp, canvas.sampler, len(draft)
-    start, chunk = 0, FIRST_CHUNK
+    start, chunk = 0, verifier.first_verify_chunk or size
     while True:
         stop = min(start + chunk, size)
         if cache.length == 0:  # first step: prefill the prompt together with the first chunk
@@ -74,5 +71,6 @@ def verify(canvas: Canvas, verifier: DecoderEngine, cache: KVCache, curr: int, d
         if first < stop - start or stop == size:
             accepted = start + first
             cache.crop(curr + accepted)
-            return accepted, rows[first]
-        ar_next, start, chunk = rows[-1], stop, chunk * 2
+            # A copy: the engine may reuse its logits buffer in the next call.
+            return accepted, rows[first].copy()
+        ar_next, start, chunk = rows[-1].copy(), stop, chunk * 2

@@ -1,9 +1,9 @@
 """Engine backends: run one exported decoder graph, behind one small interface.
 
 Every backend takes token ids and a `KVCache` and returns logits and the window's keys/values
-as arrays of its array module (`xp`): numpy for onnxruntime on the CPU, cupy for onnxruntime's
-CUDA provider (I/O bound to device buffers) and for TensorRT (`tensorrt_engine.py`). The cache
-buffer lives where the engine reads it.
+as arrays of its array module (`xp`): numpy for onnxruntime on the CPU (here), cupy for
+onnxruntime's CUDA provider (`cuda_engine.py`) and for TensorRT (`tensorrt_engine.py`). The
+cache buffer lives where the engine reads it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 
 from apd_deploy.errors import BundleError
 from apd_deploy.runtime.arrays import to_host
+from apd_deploy.runtime.fixed_shapes import FixedShape, PaddedInputs
 from apd_deploy.runtime.kv_cache import KVCache
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -62,13 +63,18 @@ class DecoderSpec:
 class DecoderEngine(Protocol):
     spec: DecoderSpec
     xp: ModuleType
+    # Draft tokens the verifier scores in its first call of a step (each further call doubles),
+    # or None for the whole draft at once: on the CPU a call costs its tokens, so scoring stops
+    # at the first chunk with a rejection; on a GPU a call costs its launch and its host sync.
+    first_verify_chunk: int | None
 
     def new_cache(self, capacity: int) -> KVCache: ...
 
     def run(self, ids, cache: KVCache, rows=None) -> tuple[Any, Any]:
         """Feed `ids` (1-D, host or device) at the positions right after `cache`; returns logits
-        [len(rows), vocab] for the window rows `rows` (int64 indices; default: every row) and the
-        window's keys/values [1, n, ...]. The cache itself is not changed."""
+        [len(rows), vocab] for the window rows `rows` (host int64 indices; default: every row)
+        and the window's keys/values [..., n, head_dim]. The cache itself is not changed. The
+        returned arrays may be the engine's own buffers: valid until its next call."""
 
 
 def window_feed(xp: ModuleType, ids, cache: KVCache, rows, positions, ones) -> dict[str, Any]:
@@ -84,7 +90,8 @@ def window_feed(xp: ModuleType, ids, cache: KVCache, rows, positions, ones) -> d
     }
 
 
-def _session_options(threads: int | None, options: dict[str, Any] | None):
+def ort_session_options(threads: int | None, options: dict[str, Any] | None):
+    """onnxruntime session options for `threads` intra-op threads and the engine record's options."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -100,10 +107,15 @@ def _session_options(threads: int | None, options: dict[str, Any] | None):
 
 class OrtCpuDecoder:
     """onnxruntime on the CPU. With `xp` = cupy the logits are moved to the GPU after each call,
-    which only makes sense to exercise the cupy array backend on a machine without a GPU engine."""
+    which only makes sense to exercise the cupy array backend on a machine without a GPU engine.
+    `fixed_shapes` pads every call as the CUDA engine does (`fixed_shapes.py`): slower here, it
+    checks the padding and the masks against exact-size calls token for token."""
+
+    first_verify_chunk = 8
 
     def __init__(self, graph: Path, spec: DecoderSpec, threads: int | None = None,
-                 session_options: dict[str, Any] | None = None, xp: ModuleType = np) -> None:
+                 session_options: dict[str, Any] | None = None, xp: ModuleType = np,
+                 fixed_shapes: bool = False) -> None:
         import onnxruntime as ort
 
         if spec.kv_dtype not in NUMPY_DTYPES:
@@ -111,67 +123,34 @@ class OrtCpuDecoder:
                 f"{graph}: its KV cache is {spec.kv_dtype}, which onnxruntime's CPU provider cannot run; "
                 "export with --dtype fp32 or fp16 for CPU, or build a TensorRT engine"
             )
-        self.session = ort.InferenceSession(str(graph), _session_options(threads, session_options),
+        self.session = ort.InferenceSession(str(graph), ort_session_options(threads, session_options),
                                             providers=["CPUExecutionProvider"])
         self.spec, self.xp = spec, xp
         self.kv_dtype = np.dtype(NUMPY_DTYPES[spec.kv_dtype])
         self._positions = np.arange(spec.max_positions, dtype=np.int64)[None]
         self._ones = np.ones((1, spec.max_positions), dtype=np.int64)
+        self._padded: dict[FixedShape, PaddedInputs] | None = {} if fixed_shapes else None
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype)
 
     def run(self, ids, cache: KVCache, rows=None):
         ids = to_host(ids).reshape(1, -1)
-        feed = window_feed(np, ids, cache, None if rows is None else to_host(rows), self._positions, self._ones)
-        logits, new_kv = self.session.run(["logits", "new_kv"], feed)
-        return (logits[0] if self.xp is np else self.xp.asarray(logits[0])), new_kv
+        rows = None if rows is None else to_host(rows)
+        if self._padded is None:
+            feed = window_feed(np, ids, cache, rows, self._positions, self._ones)
+            logits, new_kv = self.session.run(["logits", "new_kv"], feed)
+            logits = logits[0]
+        else:
+            logits, new_kv = self._run_padded(ids, cache, rows)
+        return (logits if self.xp is np else self.xp.asarray(logits)), new_kv
 
-
-class OrtCudaDecoder:
-    """onnxruntime's CUDA provider with I/O binding: ids, caches and logits stay in cupy buffers
-    on the GPU; nothing is copied to the host here."""
-
-    def __init__(self, graph: Path, spec: DecoderSpec, threads: int | None = None,
-                 session_options: dict[str, Any] | None = None) -> None:
-        import onnxruntime as ort
-
-        from apd_deploy.accelerators import require_cupy, require_ort_cuda
-
-        if spec.kv_dtype not in NUMPY_DTYPES:
-            raise BundleError(
-                f"{graph}: its KV cache is {spec.kv_dtype}, which onnxruntime's I/O binding cannot take from "
-                "Python (no numpy dtype); build a TensorRT engine for bf16, or export fp16"
-            )
-        require_ort_cuda()
-        self.xp = cupy = require_cupy()
-        self.session = ort.InferenceSession(str(graph), _session_options(threads, session_options),
-                                            providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
-        self.spec = spec
-        self.kv_dtype = np.dtype(NUMPY_DTYPES[spec.kv_dtype])
-        self._positions = cupy.arange(spec.max_positions, dtype=np.int64)[None]
-        self._ones = cupy.ones((1, spec.max_positions), dtype=np.int64)
-
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype, xp=self.xp)
-
-    @staticmethod
-    def _bind(binding, name: str, array, output: bool = False) -> None:
-        bind = binding.bind_output if output else binding.bind_input
-        bind(name, "cuda", 0, array.dtype.type, list(array.shape), array.data.ptr)
-
-    def run(self, ids, cache: KVCache, rows=None):
-        cupy = self.xp
-        ids = cupy.asarray(ids, dtype=np.int64).reshape(1, -1)
-        feed = window_feed(cupy, ids, cache, rows, self._positions, self._ones)
-        logits = cupy.empty((1, len(feed["logit_rows"]), self.spec.vocab_size), dtype=np.float32)
-        new_kv = cupy.empty(self.spec.new_kv_shape(ids.shape[1]), dtype=self.kv_dtype)
-        binding = self.session.io_binding()
-        for name, array in feed.items():
-            self._bind(binding, name, cupy.ascontiguousarray(array))
-        self._bind(binding, "logits", logits, output=True)
-        self._bind(binding, "new_kv", new_kv, output=True)
-        # cupy wrote the inputs on its stream; onnxruntime reads them on its own.
-        cupy.cuda.get_current_stream().synchronize()
-        self.session.run_with_iobinding(binding)
-        return logits[0], new_kv
+    def _run_padded(self, ids: np.ndarray, cache: KVCache, rows: np.ndarray | None):
+        n = ids.shape[1]
+        shape = FixedShape.holding(n, n if rows is None else len(rows), cache.capacity)
+        if shape not in self._padded:
+            self._padded[shape] = PaddedInputs(np, shape, self.spec.kv_dims, self.kv_dtype, self.spec.max_positions)
+        inputs = self._padded[shape]
+        n, count = inputs.write(ids, cache, rows)
+        logits, new_kv = self.session.run(["logits", "new_kv"], inputs.arrays)
+        return logits[0, :count], new_kv[..., :n, :]

@@ -22,7 +22,7 @@ from apd_deploy.runtime.autoregressive import autoregressive
 from apd_deploy.runtime.canvas import Canvas, Decoder
 from apd_deploy.runtime.diffusion import diffusion
 from apd_deploy.runtime.arrays import array_module
-from apd_deploy.runtime.engine import DecoderEngine, DecoderSpec, OrtCpuDecoder, OrtCudaDecoder
+from apd_deploy.runtime.engine import DecoderEngine, DecoderSpec, OrtCpuDecoder
 from apd_deploy.runtime.leftright import leftright
 from apd_deploy.runtime.params import GenerationParams
 from apd_deploy.runtime.sampling import Sampler, SamplingParams
@@ -80,7 +80,8 @@ class Runtime:
 
     @classmethod
     def load(cls, bundle: str | Path, engine: str | None = None, threads: int | None = None,
-             verify: str = "remembered", array_backend: str | None = None) -> Runtime:
+             verify: str = "remembered", array_backend: str | None = None,
+             engine_options: dict[str, Any] | None = None) -> Runtime:
         """Load `bundle`.
 
         engine: a name from the manifest's `engines` (see `apd-deploy build-engine`), or None to
@@ -89,6 +90,9 @@ class Runtime:
           modification time match an earlier full check, 'skip' trusts the files.
         array_backend: 'numpy' or 'cupy' for sampling and acceptance; by default the engine's
           (cupy for GPU engines). cupy over a CPU engine exercises the GPU sampling code.
+        engine_options: for onnxruntime engines, `fixed_shapes` (pad calls to a few shapes; on by
+          default on CUDA, where it enables `cuda_graph`, also on by default) — to compare the
+          GPU levers, or to check the padding on the CPU.
         """
         bundle = Path(bundle)
         manifest = read_manifest(bundle, verify=verify)
@@ -96,7 +100,8 @@ class Runtime:
                  for role in ("dllm", "verifier")}
         _check_pair(bundle, manifest, specs)
         record = _engine_record(bundle, manifest, engine)
-        engines = {role: _open_engine(bundle, manifest, engine, record, role, specs[role], threads, array_backend)
+        engines = {role: _open_engine(bundle, manifest, engine, record, role, specs[role], threads, array_backend,
+                                      engine_options or {})
                    for role in specs}
         return cls(bundle, manifest, engines["dllm"], engines["verifier"], BundleTokenizer.from_bundle(bundle, manifest),
                    record.get("max_seq_len") if record else None)
@@ -207,15 +212,19 @@ def _engine_record(bundle: Path, manifest: dict[str, Any], engine: str | None) -
 
 
 def _open_engine(bundle: Path, manifest: dict[str, Any], name: str | None, record: dict[str, Any] | None, role: str,
-                 spec: DecoderSpec, threads: int | None, array_backend: str | None) -> DecoderEngine:
+                 spec: DecoderSpec, threads: int | None, array_backend: str | None,
+                 engine_options: dict[str, Any]) -> DecoderEngine:
     if record is None or (record["backend"] == "onnxruntime" and record["device"] == "cpu"):
         graph = bundle / (record["graphs"][role] if record else manifest["models"][role]["graph"])
         options = record.get("session_options") if record else None
-        return OrtCpuDecoder(graph, spec, threads, options, array_module(array_backend or "numpy"))
+        return OrtCpuDecoder(graph, spec, threads, options, array_module(array_backend or "numpy"), **engine_options)
     if array_backend == "numpy":
         raise GenerationError(f"engine '{name}' runs on the GPU and hands its logits to cupy; drop --array-backend numpy")
     if record["backend"] == "onnxruntime":
-        return OrtCudaDecoder(bundle / record["graphs"][role], spec, threads, record.get("session_options"))
+        from apd_deploy.runtime.cuda_engine import OrtCudaDecoder
+
+        return OrtCudaDecoder(bundle / record["graphs"][role], spec, threads, record.get("session_options"),
+                              **engine_options)
     from apd_deploy.runtime.tensorrt_engine import TensorRTDecoder
 
     return TensorRTDecoder(name, bundle / record["graphs"][role], spec, record, role)

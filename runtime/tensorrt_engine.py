@@ -51,6 +51,8 @@ class TensorRTDecoder:
     """Execution contexts (one per optimisation profile) share the engine; calls are serialised
     by a lock, since a context is not safe to use from two threads at once."""
 
+    first_verify_chunk = None  # a GPU call costs its launch, not its tokens: score the whole draft
+
     def __init__(self, name: str, plan: Path, spec: DecoderSpec, record: dict[str, Any], role: str) -> None:
         from apd_deploy.accelerators import compute_capability, require_cupy, require_tensorrt
 

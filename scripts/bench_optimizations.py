@@ -19,18 +19,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from apd_deploy.runtime import Runtime, apd, engine
+from apd_deploy.runtime import Runtime, engine
 
 
 @contextmanager
 def whole_draft_verification() -> Iterator[None]:
     """Before: the verifier scores the whole draft (up to M tokens) in one call every step."""
-    saved = apd.FIRST_CHUNK
-    apd.FIRST_CHUNK = 1 << 30
+    saved = engine.OrtCpuDecoder.first_verify_chunk
+    engine.OrtCpuDecoder.first_verify_chunk = None
     try:
         yield
     finally:
-        apd.FIRST_CHUNK = saved
+        engine.OrtCpuDecoder.first_verify_chunk = saved
 
 
 @contextmanager

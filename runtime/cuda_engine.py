@@ -1,0 +1,195 @@
+"""onnxruntime's CUDA provider, run so that a step costs GPU work rather than host round trips.
+
+- One CUDA stream for onnxruntime and for the engines' own writes (`compute_stream`), created
+  blocking, so that it is ordered with cupy's default stream, where the decoding loop samples:
+  an engine call and the code that reads its logits need no host synchronisation between them,
+  and onnxruntime is told not to synchronise at the end of a run. The one synchronisation of a
+  step is the accepted count the loop reads.
+- Fixed shapes (`fixed_shapes.py`): each call is padded to a power-of-two window, row count and
+  cache capacity; each shape gets a session with its symbolic dimensions pinned (onnxruntime then
+  folds the shape arithmetic, so every node runs on the GPU), static input and output buffers,
+  and an I/O binding made once. On those sessions CUDA graphs (`enable_cuda_graph`) replay a
+  whole call as one launch.
+- Exact-size calls with a binding per call remain for shapes above the largest fixed one and
+  for `fixed_shapes=False`.
+- fp32 graphs run without TF32, so that they give the CPU's tokens.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from apd_deploy.errors import BundleError
+from apd_deploy.runtime.engine import NUMPY_DTYPES, DecoderSpec, ort_session_options, window_feed
+from apd_deploy.runtime.fixed_shapes import FixedShape, PaddedInputs
+from apd_deploy.runtime.kv_cache import KVCache
+
+# Sessions kept per engine, one per fixed shape; each holds its own copy of the weights on the GPU.
+MAX_FIXED_SESSIONS = 6
+# Windows and capacities above these run at their exact size.
+MAX_FIXED_WINDOW, MAX_FIXED_CAPACITY = 1024, 16384
+
+_stream_lock = threading.Lock()
+_stream = None
+
+
+def compute_stream(cupy: ModuleType):
+    """The process's one stream for CUDA engines (see the module docstring)."""
+    global _stream
+    with _stream_lock:
+        if _stream is None:
+            _stream = cupy.cuda.Stream(non_blocking=False)
+        return _stream
+
+
+def provider_options(stream, cuda_graph: bool) -> dict[str, str]:
+    return {
+        "device_id": "0",
+        "use_tf32": "0",  # TF32 rounds fp32 matrix products to 10 mantissa bits: other tokens than the CPU's
+        "has_user_compute_stream": "1",
+        "user_compute_stream": str(stream.ptr),
+        "enable_cuda_graph": "1" if cuda_graph else "0",
+    }
+
+
+def bind(binding, name: str, array, output: bool = False) -> None:
+    method = binding.bind_output if output else binding.bind_input
+    method(name, "cuda", 0, array.dtype.type, list(array.shape), array.data.ptr)
+
+
+class FixedShapeSession:
+    """One fixed shape: its session, padded inputs, output buffers and I/O binding."""
+
+    def __init__(self, session, cupy: ModuleType, spec: DecoderSpec, shape: FixedShape, kv_dtype: np.dtype) -> None:
+        self.session = session
+        self.inputs = PaddedInputs(cupy, shape, spec.kv_dims, kv_dtype, spec.max_positions)
+        layers, kv_heads, head_dim = spec.kv_dims
+        self.logits = cupy.zeros((1, shape.rows, spec.vocab_size), dtype=np.float32)
+        self.new_kv = cupy.zeros((layers, 2, 1, kv_heads, shape.window, head_dim), dtype=kv_dtype)
+        self.binding = session.io_binding()
+        for name, array in self.inputs.arrays.items():
+            bind(self.binding, name, array)
+        bind(self.binding, "logits", self.logits, output=True)
+        bind(self.binding, "new_kv", self.new_kv, output=True)
+
+    def run(self, ids, cache: KVCache, rows: np.ndarray | None, run_options):
+        n, count = self.inputs.write(ids, cache, rows)
+        self.session.run_with_iobinding(self.binding, run_options)
+        return self.logits[0, :count], self.new_kv[..., :n, :]
+
+
+class OrtCudaDecoder:
+    """onnxruntime's CUDA provider with I/O binding: ids, caches and logits stay in cupy buffers
+    on the GPU. Calls are serialised (the fixed-shape buffers are shared by every request)."""
+
+    first_verify_chunk = None
+
+    def __init__(self, graph: Path, spec: DecoderSpec, threads: int | None = None,
+                 session_options: dict[str, Any] | None = None, fixed_shapes: bool = True,
+                 cuda_graph: bool = True) -> None:
+        import onnxruntime as ort
+
+        from apd_deploy.accelerators import require_cupy, require_ort_cuda
+
+        if spec.kv_dtype not in NUMPY_DTYPES:
+            raise BundleError(
+                f"{graph}: its KV cache is {spec.kv_dtype}, which onnxruntime's I/O binding cannot take from "
+                "Python (no numpy dtype); build a TensorRT engine for bf16, or export fp16"
+            )
+        require_ort_cuda()
+        self.xp = cupy = require_cupy()
+        self.graph, self.spec, self.threads, self.options = graph, spec, threads, session_options
+        self.kv_dtype = np.dtype(NUMPY_DTYPES[spec.kv_dtype])
+        self.stream = compute_stream(cupy)
+        self.session = self._session(cuda_graph=False)
+        self.fixed_shapes, self.cuda_graph = fixed_shapes, cuda_graph
+        # Why CUDA graphs are off, when they were asked for and onnxruntime refused them.
+        self.cuda_graph_error: str | None = None
+        self._fixed: OrderedDict[FixedShape, FixedShapeSession] = OrderedDict()
+        self._run_options = ort.RunOptions()
+        # The stream orders everything; a synchronisation per run would only stall the host.
+        self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._positions = cupy.arange(spec.max_positions, dtype=np.int64)[None]
+        self._ones = cupy.ones((1, spec.max_positions), dtype=np.int64)
+        # Host ids go to the GPU through pinned memory: an asynchronous copy, where one from
+        # pageable memory would wait for the stream.
+        import cupyx
+
+        self._pinned = cupyx.empty_pinned((spec.max_positions,), dtype=np.int64)
+        self._copied = cupy.cuda.Event(disable_timing=True)
+        self._lock = threading.Lock()
+
+    def _session(self, cuda_graph: bool, dimensions: dict[str, int] | None = None):
+        import onnxruntime as ort
+
+        options = ort_session_options(self.threads, self.options)
+        if dimensions:
+            for name, value in dimensions.items():
+                options.add_free_dimension_override_by_name(name, value)
+            # Pinned dimensions let the shape arithmetic fold away, which needs the optimiser on.
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        providers = [("CUDAExecutionProvider", provider_options(self.stream, cuda_graph)), "CPUExecutionProvider"]
+        return ort.InferenceSession(str(self.graph), options, providers=providers)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype, xp=self.xp)
+
+    def run(self, ids, cache: KVCache, rows=None):
+        rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        with self._lock, self.stream:
+            ids = self._to_device(ids)
+            n = ids.shape[1]
+            shape = FixedShape.holding(n, n if rows is None else len(rows), cache.capacity)
+            if self.fixed_shapes and shape.window <= MAX_FIXED_WINDOW and shape.capacity <= MAX_FIXED_CAPACITY:
+                return self._fixed_session(shape).run(ids, cache, rows, self._run_options)
+            return self._run_exact(ids, cache, rows)
+
+    def _to_device(self, ids):
+        cupy = self.xp
+        if not isinstance(ids, np.ndarray):
+            return cupy.asarray(ids, dtype=np.int64).reshape(1, -1)
+        n = ids.size
+        self._copied.synchronize()  # the previous copy out of the pinned buffer has finished
+        self._pinned[:n] = ids.reshape(-1)
+        out = cupy.empty((1, n), dtype=np.int64)
+        out.set(self._pinned[:n].reshape(1, n), stream=self.stream)
+        self._copied.record(self.stream)
+        return out
+
+    def _fixed_session(self, shape: FixedShape) -> FixedShapeSession:
+        if shape in self._fixed:
+            self._fixed.move_to_end(shape)
+            return self._fixed[shape]
+        if len(self._fixed) >= MAX_FIXED_SESSIONS:
+            self._fixed.popitem(last=False)
+        session = None
+        if self.cuda_graph and self.cuda_graph_error is None:
+            try:
+                session = self._session(cuda_graph=True, dimensions=shape.dimensions())
+            except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+                self.cuda_graph_error = str(exc).splitlines()[0]
+                print(f"warning: {self.graph.name}: CUDA graphs are off: {self.cuda_graph_error}", file=sys.stderr)
+        if session is None:
+            session = self._session(cuda_graph=False, dimensions=shape.dimensions())
+        self._fixed[shape] = FixedShapeSession(session, self.xp, self.spec, shape, self.kv_dtype)
+        return self._fixed[shape]
+
+    def _run_exact(self, ids, cache: KVCache, rows: np.ndarray | None):
+        cupy = self.xp
+        feed = window_feed(cupy, ids, cache, rows, self._positions, self._ones)
+        logits = cupy.empty((1, len(feed["logit_rows"]), self.spec.vocab_size), dtype=np.float32)
+        new_kv = cupy.empty(self.spec.new_kv_shape(ids.shape[1]), dtype=self.kv_dtype)
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            bind(binding, name, cupy.ascontiguousarray(array))
+        bind(binding, "logits", logits, output=True)
+        bind(binding, "new_kv", new_kv, output=True)
+        self.session.run_with_iobinding(binding, self._run_options)
+        return logits[0], new_kv
