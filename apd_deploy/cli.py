@@ -192,20 +192,23 @@ def generate_command(bundle: str, prompt: str | None, prompt_ids: str | None, ch
 @click.option("--device", help="cpu | cuda  [default: cpu for onnxruntime, cuda for tensorrt]")
 @click.option("--precision", help="fp32 | fp16 | bf16  [default: the export's dtype]")
 @click.option("--max-batch", type=int, default=1, show_default=True, help="TensorRT: largest batch.")
-@click.option("--max-seq-len", type=int, help="TensorRT: longest prompt + generation  [default: the models' positions]")
+@click.option("--max-seq-len", type=int,
+              help="TensorRT: longest prompt + generation  [default: 4096, at most the models' positions]")
 @click.option("--opt-window", type=int, help="TensorRT: window length to tune for  [default: W + M (dLLM), M (verifier)]")
+@click.option("--max-logit-rows", type=int,
+              help="TensorRT: most logit rows per call  [default: M + 1; Dream's diffusion needs one per masked position]")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache to reuse and update.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the engine's manifest record as JSON.")
 @user_errors
 def build_engine_command(bundle: str, backend: str, device: str | None, precision: str | None, max_batch: int,
-                         max_seq_len: int | None, opt_window: int | None, timing_cache: str | None, quiet: bool,
-                         as_json: bool) -> None:
+                         max_seq_len: int | None, opt_window: int | None, max_logit_rows: int | None,
+                         timing_cache: str | None, quiet: bool, as_json: bool) -> None:
     """Build engines for BUNDLE's graphs and record them in its manifest (atomically)."""
     from apd_deploy.engines.build import build_engine
 
     name, record = build_engine(bundle, backend, device, precision, max_batch, max_seq_len, opt_window, timing_cache,
-                                report=progress_printer(quiet or as_json))
+                                max_logit_rows, report=progress_printer(quiet or as_json))
     if as_json:
         click.echo(json.dumps({"name": name, **record}, indent=2))
     elif not quiet:

@@ -23,6 +23,7 @@ from apd_deploy.errors import ApdDeployError
 BACKENDS = ("onnxruntime", "tensorrt")
 DEVICES = {"onnxruntime": ("cpu", "cuda"), "tensorrt": ("cuda",)}
 PRECISIONS = ("fp32", "fp16", "bf16")
+DEFAULT_MAX_SEQ_LEN = 4096
 
 
 def engine_name(backend: str, device: str, precision: str) -> str:
@@ -38,6 +39,7 @@ def build_engine(
     max_seq_len: int | None = None,
     opt_window: int | None = None,
     timing_cache: str | Path | None = None,
+    max_logit_rows: int | None = None,
     report: Callable[[str], None] = lambda _: None,
 ) -> tuple[str, dict[str, Any]]:
     """Build an engine pair into `bundle`; returns its name and manifest record."""
@@ -52,8 +54,11 @@ def build_engine(
     if precision not in PRECISIONS:
         raise ApdDeployError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     model_positions = min(m["config"]["max_position_embeddings"] for m in manifest["models"].values())
-    max_seq_len = max_seq_len or model_positions
-    for flag, value, low in (("--max-batch", max_batch, 1), ("--max-seq-len", max_seq_len, 2), ("--opt-window", opt_window, 1)):
+    # Real models have 32k-131k positions; profiles (and the memory TensorRT reserves for them)
+    # sized for that would serve no ordinary request better. --max-seq-len raises it.
+    max_seq_len = max_seq_len or min(DEFAULT_MAX_SEQ_LEN, model_positions)
+    for flag, value, low in (("--max-batch", max_batch, 1), ("--max-seq-len", max_seq_len, 2), ("--opt-window", opt_window, 1),
+                             ("--max-logit-rows", max_logit_rows, 1)):
         if value is not None and value < low:
             raise ApdDeployError(f"{flag} must be at least {low}, got {value}")
     if max_seq_len > model_positions:
@@ -72,7 +77,7 @@ def build_engine(
         else:
             defaults = manifest["apd_defaults"]
             profiles = {role: derive_profiles(role, max_seq_len, defaults["kv_window"], defaults["max_lookahead"],
-                                              max_batch, opt_window) for role in ("dllm", "verifier")}
+                                              max_batch, opt_window, max_logit_rows) for role in ("dllm", "verifier")}
             cache_file = Path(timing_cache) if timing_cache else final / "timing.cache"
             previous = cache_file.read_bytes() if cache_file.is_file() else b""
             record, cache = build_tensorrt(bundle, manifest, precision, profiles, max_batch, max_seq_len, previous, staging)

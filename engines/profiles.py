@@ -8,8 +8,10 @@ The shapes each graph sees during decoding are known in advance:
   accepted, and M lookahead positions (at most W + 2M - 1) over a cache of any length, and the
   verifier at most M drafted tokens (1 for AR decoding) over a cache of at least one position.
 Two profiles, one per regime, let TensorRT tune kernels for the short steady-state windows
-instead of for the longest possible prefill. Logits are asked for at most every row of a window;
-typically the dLLM wants its M lookahead rows and the verifier all of its rows.
+instead of for the longest possible prefill. Logits are asked for at most M + 1 rows per call
+(`max_logit_rows`): the dLLM's M lookahead rows, the verifier's draft plus the prompt's last row.
+TensorRT reserves memory for the largest shape of a profile, and logits for a whole prefill window
+would not fit: [32768, 152064] in fp32 is 19.9 GB.
 """
 
 from __future__ import annotations
@@ -50,20 +52,22 @@ def _range(low: int, opt: int, high: int) -> Range:
 
 
 def derive_profiles(role: str, max_seq_len: int, kv_window: int, max_lookahead: int,
-                    max_batch: int = 1, opt_window: int | None = None) -> list[Profile]:
+                    max_batch: int = 1, opt_window: int | None = None,
+                    max_logit_rows: int | None = None) -> list[Profile]:
     """Steady state first: the runtime picks the first profile that holds a call."""
     batch = _range(1, 1, max_batch)
+    rows = min(max_logit_rows or max_lookahead + 1, max_seq_len)
     capacity = _range(1, max_seq_len // 2, max_seq_len)
     if role == "dllm":
         steady_window = min(kv_window + 2 * max_lookahead - 1, max_seq_len)
         opt = opt_window or kv_window + max_lookahead
         steady = Profile("steady", batch, _range(1, opt, steady_window), _range(0, max_seq_len // 2, max_seq_len - 1),
-                         _range(1, max_lookahead, steady_window), capacity)
+                         _range(1, max_lookahead, min(rows, steady_window)), capacity)
     else:
         steady_window = min(max_lookahead, max_seq_len - 1)
         opt = opt_window or max_lookahead
         steady = Profile("steady", batch, _range(1, opt, steady_window), _range(1, max_seq_len // 2, max_seq_len - 1),
-                         _range(1, opt, steady_window), capacity)
+                         _range(1, opt, min(rows, steady_window)), capacity)
     prefill = Profile("prefill", batch, _range(1, max_lookahead + 128, max_seq_len), (0, 0, 0),
-                      _range(1, max_lookahead, max_seq_len), capacity)
+                      _range(1, max_lookahead, rows), capacity)
     return [steady, prefill]

@@ -35,11 +35,22 @@ def check_engine_record(name: str, record: dict[str, Any], tensorrt_version: str
         )
 
 
-def select_profile(profiles: list[dict[str, Any]], seq_len: int, past_len: int) -> int:
-    """Index of the first optimisation profile whose window and past ranges hold this call."""
+def select_profile(profiles: list[dict[str, Any]], seq_len: int, past_len: int, logit_len: int) -> int:
+    """Index of the first optimisation profile whose window, past and logit-row ranges hold this call."""
+    def holds(profile: dict[str, Any]) -> bool:
+        return all(profile[key][0] <= value <= profile[key][2]
+                   for key, value in (("seq_len", seq_len), ("past_len", past_len), ("logit_len", logit_len)))
+
     for index, profile in enumerate(profiles):
-        if profile["seq_len"][0] <= seq_len <= profile["seq_len"][2] and profile["past_len"][0] <= past_len <= profile["past_len"][2]:
+        if holds(profile):
             return index
+    most_rows = max(p["logit_len"][2] for p in profiles)
+    if logit_len > most_rows:
+        raise GenerationError(
+            f"a call asks for logits of {logit_len} rows; the engine computes at most {most_rows} per call "
+            "(M + 1 of the bundle's APD defaults); rebuild it with --max-logit-rows "
+            f"{logit_len} or more (Dream's diffusion asks for one row per masked position)"
+        )
     limits = ", ".join(f"{p['name']}: window <= {p['seq_len'][2]}, past <= {p['past_len'][2]}" for p in profiles)
     raise GenerationError(
         f"a window of {seq_len} tokens after {past_len} cached ones is outside the engine's profiles ({limits}); "
@@ -85,7 +96,8 @@ class TensorRTDecoder:
         with self._lock, self.stream:
             ids = cupy.asarray(ids, dtype=np.int64).reshape(1, -1)
             start, n = cache.length, ids.shape[1]
-            context = self.contexts[select_profile(self.profiles, n, start)]
+            rows_asked = n if rows is None else len(rows)
+            context = self.contexts[select_profile(self.profiles, n, start, rows_asked)]
             inputs = {name: cupy.ascontiguousarray(array)
                       for name, array in window_feed(cupy, ids, cache, rows, self._positions, self._ones).items()}
             logits = cupy.empty((1, len(inputs["logit_rows"]), self.spec.vocab_size), dtype=np.float32)

@@ -142,8 +142,40 @@ def test_profiles_follow_the_apd_parameters():
     shapes = dllm["steady"].input_shapes((28, 4, 128))
     # The whole cache buffer goes in: its length is the request's, at most the engine's max.
     assert shapes["past_kv"] == ((28, 2, 1, 4, 1, 128), (28, 2, 1, 4, 1024, 128), (28, 2, 4, 4, 2048, 128))
-    assert shapes["logit_rows"] == ((1,), (100,), (215,))  # the M lookahead rows to tune for
+    assert shapes["logit_rows"] == ((1,), (100,), (101,))  # the M lookahead rows to tune for, M + 1 at most
     assert shapes["attention_mask"] == ((1, 1), (1, 1140), (4, 2262))
+    assert dllm["prefill"].logit_len == (1, 100, 101) and verifier["prefill"].logit_len == (1, 100, 101)
+    assert verifier["steady"].logit_len == (1, 8, 100)
+
+
+def test_profiles_of_a_real_pair_reserve_no_prefill_logits():
+    """Dream-7B's 131072 positions and a 32768 context: the prefill profile once allowed a
+    [32768, 152064] fp32 logits tensor (19.9 GB); now M + 1 rows, or what --max-logit-rows says."""
+    for role in ("dllm", "verifier"):
+        prefill = {p.name: p for p in derive_profiles(role, 32768, 16, 100)}["prefill"]
+        assert prefill.seq_len[2] == 32768 and prefill.logit_len[2] == 101
+        assert 4 * prefill.logit_len[2] * 152064 < 64 << 20
+    wide = {p.name: p for p in derive_profiles("dllm", 32768, 16, 100, max_logit_rows=512)}
+    assert wide["prefill"].logit_len[2] == 512
+
+
+def test_default_max_seq_len_is_a_sane_context(tiny_bundle, tmp_path, monkeypatch):
+    """A 131072-position model gets 4096-position profiles unless --max-seq-len raises it."""
+    seen = {}
+
+    def fake_build(bundle, manifest, precision, profiles, max_batch, max_seq_len, previous, staging):
+        seen.update(max_seq_len=max_seq_len, profiles=profiles)
+        raise BackendUnavailable("stop here")
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
+    monkeypatch.setattr(build_module, "DEFAULT_MAX_SEQ_LEN", 256)  # the tiny pair has 512 positions
+    monkeypatch.setattr(build_module, "build_tensorrt", fake_build)
+    with pytest.raises(BackendUnavailable):
+        build_module.build_engine(bundle, "tensorrt")
+    assert seen["max_seq_len"] == 256 and seen["profiles"]["dllm"][1].seq_len[2] == 256
+    with pytest.raises(BackendUnavailable):
+        build_module.build_engine(bundle, "tensorrt", max_seq_len=512)
+    assert seen["max_seq_len"] == 512
 
 
 def test_profiles_hold_every_call_the_runtime_makes(tiny_bundle, monkeypatch):
@@ -155,26 +187,29 @@ def test_profiles_hold_every_call_the_runtime_makes(tiny_bundle, monkeypatch):
         original = engine.run
 
         def recording(ids, cache, rows=None, role=role, original=original):
-            calls.append((role, len(ids), cache.length))
+            calls.append((role, len(ids), cache.length, len(ids) if rows is None else len(rows)))
             return original(ids, cache, rows)
 
         monkeypatch.setattr(engine, "run", recording)
     runtime.eos_ids = frozenset()
     for prompt, n in (([5], 511), (list(range(60)), 452), (PROMPT, 200)):
         for alg, params in (("apd", {}), ("apd", {"apd_mixture_weight": 1.0}), ("leftright", {"tokens_per_step": 8}),
-                            ("diffusion", {"steps": 4}), ("ar", {})):
+                            ("ar", {})):
             runtime.generate(prompt, alg=alg, max_new_tokens=n, **params)
+    runtime.generate(PROMPT, alg="diffusion", max_new_tokens=101, steps=4)  # 101 masked rows: M + 1
     assert {role for role, *_ in calls} == {"dllm", "verifier"}
-    for role, seq_len, past_len in calls:
-        select_profile(profiles[role], seq_len, past_len)
+    for role, seq_len, past_len, logit_len in calls:
+        select_profile(profiles[role], seq_len, past_len, logit_len)
 
 
 def test_select_profile_prefers_steady_state_and_explains_misses():
     profiles = [p.to_dict() for p in derive_profiles("dllm", 512, 16, 100)]
-    assert select_profile(profiles, 116, 300) == 0
-    assert select_profile(profiles, 400, 0) == 1
+    assert select_profile(profiles, 116, 300, 100) == 0
+    assert select_profile(profiles, 400, 0, 100) == 1
     with pytest.raises(GenerationError, match="rebuild the engine with a larger --max-seq-len"):
-        select_profile(profiles, 300, 10)
+        select_profile(profiles, 300, 10, 100)
+    with pytest.raises(GenerationError, match="at most 101 per call.*--max-logit-rows 200"):
+        select_profile(profiles, 300, 0, 200)
 
 
 @pytest.mark.parametrize("major, exported, precision, plan", [
