@@ -265,13 +265,15 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
 @click.option("--eager/--no-eager", default=True, show_default=True,
               help="Also run the APD configurations on the PyTorch-eager loop (needs torch).")
+@click.option("--eager-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the PyTorch-eager loop runs (cuda: the baseline for GPU engines), in the export's dtype.")
 @click.option("--step-profile", is_flag=True,
               help="Also time APD steps at 128 and 1024 generated tokens (full windows) on the first prompt.")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @user_errors
 def bench_command(bundle: str, algs: str, sweeps: tuple[str, ...], task: str | None, prompts_file: str | None,
                   random_prompts: int | None, n: int, max_new_tokens: int | None, repeat: int, threads: int | None,
-                  engine: str | None, eager: bool, step_profile: bool, out: str) -> None:
+                  engine: str | None, eager: bool, eager_device: str, step_profile: bool, out: str) -> None:
     """Benchmark BUNDLE: tokens/s, accuracy, per-step time breakdown, ratio to PyTorch eager; JSON, CSV, PNG."""
     from pathlib import Path
 
@@ -289,14 +291,15 @@ def bench_command(bundle: str, algs: str, sweeps: tuple[str, ...], task: str | N
         from apd_deploy.bench.eager import EagerAPD
 
         models = runtime.manifest["models"]
-        eager_loop = EagerAPD(models["dllm"]["source"], models["verifier"]["source"], threads)
+        eager_loop = EagerAPD(models["dllm"]["source"], models["verifier"]["source"], threads, eager_device,
+                              runtime.manifest["export"]["dtype"])
     bar = click.progressbar(length=1, label="benchmarking", file=sys.stderr)
     with bar:
         results = benchmark(runtime, algs, list(sweeps), prompts, max_new_tokens, repeat, task, eager_loop,
                             progress_total=lambda total: setattr(bar, "length", total), progress=lambda: bar.update(1))
     settings = {"bundle": bundle, "engine": engine, "threads": threads, "algs": algs, "sweeps": list(sweeps),
                 "task": task, "prompts": prompts_file, "random_prompts": random_prompts, "n": len(prompts),
-                "max_new_tokens": max_new_tokens, "repeat": repeat}
+                "max_new_tokens": max_new_tokens, "repeat": repeat, "eager_device": eager_device if eager else None}
     if step_profile:
         from apd_deploy.bench.runner import step_profile as profile
 

@@ -30,9 +30,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as Qwen2 does, so fp16/bf16 graphs keep their accuracy.
+        # Normalise in fp32 as Qwen2 does, so fp16/bf16 graphs keep their accuracy. Divided by the
+        # square root rather than multiplied by rsqrt: onnxruntime fuses this form into one
+        # SimplifiedLayerNormalization kernel (six nodes fewer per norm, two norms per layer).
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 

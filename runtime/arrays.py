@@ -25,3 +25,9 @@ def array_module(name: str) -> ModuleType:
 def to_host(array) -> np.ndarray:
     """A numpy copy of a numpy or cupy array (cupy arrays have `.get()`)."""
     return array if isinstance(array, np.ndarray) else array.get()
+
+
+def synchronize(xp: ModuleType) -> None:
+    """Wait for the device's queued work (nothing to wait for with numpy)."""
+    if xp is not np:
+        xp.cuda.Device().synchronize()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -36,6 +36,9 @@ class Canvas:
     xp: ModuleType
     forwards: dict[str, int] = field(default_factory=lambda: {"dllm": 0, "verifier": 0})
     engine_seconds: dict[str, float] = field(default_factory=lambda: {"dllm": 0.0, "verifier": 0.0})
+    # Set to time engine calls on a GPU, where a call returns before its work is done; waiting
+    # for each call slows the step, so only a benchmark's breakdown pass does it.
+    synchronize: Callable[[], None] | None = None
 
     @classmethod
     def start(cls, prompt: np.ndarray, max_new_tokens: int, mask_id: int, vocab_size: int, sampler: Sampler) -> Canvas:
@@ -48,6 +51,8 @@ class Canvas:
         self.forwards[role] += 1
         started = time.perf_counter()
         out = engine.run(ids, cache, rows)
+        if self.synchronize is not None:
+            self.synchronize()
         self.engine_seconds[role] += time.perf_counter() - started
         return out
 

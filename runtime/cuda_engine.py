@@ -147,9 +147,20 @@ class OrtCudaDecoder:
             ids = self._to_device(ids)
             n = ids.shape[1]
             shape = FixedShape.holding(n, n if rows is None else len(rows), cache.capacity)
-            if self.fixed_shapes and shape.window <= MAX_FIXED_WINDOW and shape.capacity <= MAX_FIXED_CAPACITY:
+            if not (self.fixed_shapes and shape.window <= MAX_FIXED_WINDOW and shape.capacity <= MAX_FIXED_CAPACITY):
+                return self._run_exact(ids, cache, rows)
+            try:
                 return self._fixed_session(shape).run(ids, cache, rows, self._run_options)
-            return self._run_exact(ids, cache, rows)
+            except Exception as exc:  # a capture onnxruntime could not make; the call's inputs are written anew
+                if not self.cuda_graph or self.cuda_graph_error is not None:
+                    raise
+                self._refuse_graphs(exc)
+                return self._fixed_session(shape).run(ids, cache, rows, self._run_options)
+
+    def _refuse_graphs(self, exc: Exception) -> None:
+        self.cuda_graph_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"warning: {self.graph.name}: CUDA graphs are off: {self.cuda_graph_error}", file=sys.stderr)
+        self._fixed.clear()
 
     def _to_device(self, ids):
         cupy = self.xp
@@ -174,8 +185,7 @@ class OrtCudaDecoder:
             try:
                 session = self._session(cuda_graph=True, dimensions=shape.dimensions())
             except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
-                self.cuda_graph_error = str(exc).splitlines()[0]
-                print(f"warning: {self.graph.name}: CUDA graphs are off: {self.cuda_graph_error}", file=sys.stderr)
+                self._refuse_graphs(exc)
         if session is None:
             session = self._session(cuda_graph=False, dimensions=shape.dimensions())
         self._fixed[shape] = FixedShapeSession(session, self.xp, self.spec, shape, self.kv_dtype)

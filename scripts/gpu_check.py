@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from apd_deploy.errors import ApdDeployError, BackendUnavailable
+from apd_deploy.errors import BackendUnavailable
 from apd_deploy.runtime import Runtime
 
 PROMPTS = ([72, 101, 108, 108, 111], list(range(30, 47)))
@@ -24,8 +24,14 @@ RUNS = (("apd", {}), ("apd", {"apd_mixture_weight": 0.3, "kv_window": 4, "max_lo
 # (label, build-engine arguments or None for the bundle's own graphs, Runtime.load arguments)
 BACKENDS = (
     ("onnxruntime CPU engine, numpy", ("onnxruntime", "cpu", "fp32"), {"engine": "onnxruntime-cpu-fp32"}),
+    ("onnxruntime CPU graphs padded to fixed shapes", None, {"engine_options": {"fixed_shapes": True}}),
     ("onnxruntime CPU graphs, cupy sampling", None, {"array_backend": "cupy"}),
-    ("onnxruntime CUDA engine, cupy", ("onnxruntime", "cuda", "fp32"), {"engine": "onnxruntime-cuda-fp32"}),
+    ("onnxruntime CUDA engine, exact shapes, cupy", ("onnxruntime", "cuda", "fp32"),
+     {"engine": "onnxruntime-cuda-fp32", "engine_options": {"fixed_shapes": False}}),
+    ("onnxruntime CUDA engine, fixed shapes, no CUDA graphs", ("onnxruntime", "cuda", "fp32"),
+     {"engine": "onnxruntime-cuda-fp32", "engine_options": {"cuda_graph": False}}),
+    ("onnxruntime CUDA engine, fixed shapes + CUDA graphs (default)", ("onnxruntime", "cuda", "fp32"),
+     {"engine": "onnxruntime-cuda-fp32"}),
     ("TensorRT fp32 engine, cupy", ("tensorrt", "cuda", "fp32"), {"engine": "tensorrt-cuda-fp32"}),
 )
 
@@ -69,18 +75,24 @@ def main() -> int:
     expected, speed = generations(Runtime.load(bundle), args.max_new_tokens)
     rows = [("onnxruntime CPU graphs, numpy (reference)", "ran", "-", f"{speed:.0f}")]
     differed = False
+    built = set()
     for label, build, load in BACKENDS:
         try:
-            if build:
+            if build and build not in built:
                 build_engine(bundle, *build)
-            tokens, speed = generations(Runtime.load(bundle, **load), args.max_new_tokens)
+                built.add(build)
+            runtime = Runtime.load(bundle, **load)
+            tokens, speed = generations(runtime, args.max_new_tokens)
         except BackendUnavailable as exc:
             rows.append((label, "skipped", str(exc), "-"))
             continue
-        except ApdDeployError as exc:
-            rows.append((label, "failed", str(exc), "-"))
+        except Exception as exc:  # onnxruntime and cupy raise their own types: report them all
+            rows.append((label, "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", "-"))
             differed = True
             continue
+        refused = getattr(runtime.dllm, "cuda_graph_error", None)
+        if refused:
+            label += f" [CUDA graphs refused: {refused}]"
         same = sum(a == b for a, b in zip(tokens, expected))
         differed |= same != len(expected)
         rows.append((label, "ran", f"{same}/{len(expected)} generations identical", f"{speed:.0f}"))

@@ -30,16 +30,25 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, ordered)
 
 
-class EagerAPD:
-    def __init__(self, dllm_dir: str | Path, verifier_dir: str | Path, threads: int) -> None:
-        torch.set_num_threads(threads)
-        self.dllm = load_checkpoint(dllm_dir, "dllm").model
-        self.verifier = load_checkpoint(verifier_dir, "verifier").model
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-    @staticmethod
-    def _call(model, tokens: torch.Tensor, start: int, cache: torch.Tensor):
-        positions = torch.arange(start, start + tokens.shape[0])[None]
-        mask = torch.ones(1, start + tokens.shape[0], dtype=torch.int64)
+
+class EagerAPD:
+    """`device` 'cuda' runs the loop on the GPU (the baseline for GPU engines), in the bundle's
+    export `dtype`; fp32 matrix products there without TF32, as the CUDA engines run them."""
+
+    def __init__(self, dllm_dir: str | Path, verifier_dir: str | Path, threads: int, device: str = "cpu",
+                 dtype: str = "fp32") -> None:
+        torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+        self.dllm, self.verifier = (load_checkpoint(d, role, DTYPES[dtype]).model.to(self.device)
+                                    for d, role in ((dllm_dir, "dllm"), (verifier_dir, "verifier")))
+
+    def _call(self, model, tokens: torch.Tensor, start: int, cache: torch.Tensor):
+        positions = torch.arange(start, start + tokens.shape[0], device=self.device)[None]
+        mask = torch.ones(1, start + tokens.shape[0], dtype=torch.int64, device=self.device)
         logits, kv = model(tokens[None], positions, mask, cache)
         return logits[0], torch.cat([cache, kv], dim=-2)
 
@@ -49,10 +58,11 @@ class EagerAPD:
         started = time.perf_counter()
         vocab = self.verifier.config.vocab_size
         p0, end = len(prompt), len(prompt) + max_new_tokens
-        x = torch.full((end,), mask_id, dtype=torch.int64)
-        x[:p0] = torch.tensor(prompt)
+        x = torch.full((end,), mask_id, dtype=torch.int64, device=self.device)
+        x[:p0] = torch.tensor(prompt, device=self.device)
         curr, accepted, steps = p0, 0, 0
-        dllm_cache, ar_cache, saved = self.dllm.empty_cache(1), self.verifier.empty_cache(1), None
+        dllm_cache, ar_cache, saved = (self.dllm.empty_cache(1).to(self.device), self.verifier.empty_cache(1).to(self.device),
+                                       None)
         while curr < end:
             right = min(curr + max_lookahead, end)
             left = 0 if steps == 0 else max(curr - kv_window - accepted + 1, 0)
@@ -78,6 +88,6 @@ class EagerAPD:
             steps += 1
             if any(int(t) in eos_ids for t in x[p0:curr]):
                 break
-        tokens = x[p0:curr].tolist()
+        tokens = x[p0:curr].tolist()  # on a GPU, waits for the last step
         first_eos = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
         return EagerResult(tokens if first_eos is None else tokens[: first_eos + 1], steps, time.perf_counter() - started)
