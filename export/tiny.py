@@ -2,9 +2,15 @@
 
 The default `tiny` pair exercises what real pairs have: grouped-query attention, q/k/v biases,
 a verifier with tied embeddings, and a dLLM vocabulary larger than the verifier's (Dream has
-152064 rows, Qwen2.5 151936). The `30m` preset has realistic proportions for CPU benchmarks.
-Weights are drawn with std 0.3 so that a random model's predictions vary from position to
-position instead of repeating one token.
+152064 rows, Qwen2.5 151936). The `30m` preset has realistic proportions for CPU benchmarks, the
+`600m` preset real widths for GPU benchmarks.
+
+Weights are drawn with std 0.02, the initialiser real Qwen2 checkpoints start from, so that
+activations and logits stay at a trained model's scale (a few units, not thousands): larger
+weights made the 30m pair's logits reach thousands, and its fp16 graph failed its own check.
+
+The pair's directory holds `make-tiny.json`, the list of what was written: `--overwrite`
+replaces a pair that has one, and nothing else.
 """
 
 from __future__ import annotations
@@ -15,15 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from apd_deploy.bundle import staged_directory
-from apd_deploy.errors import ApdDeployError
+from apd_deploy.errors import ApdDeployError, BundleError
+from apd_deploy.staging import staged_directory
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-INIT_STD = 0.3
+INIT_STD = 0.02
+MARKER = "make-tiny.json"
 
 
 @dataclass(frozen=True)
@@ -36,14 +43,24 @@ class Dims:
     num_key_value_heads: int
 
 
-# (dLLM, verifier) per preset. The tokenizer has 260 tokens; both vocabularies are padded past
-# it, the dLLM's further, as real checkpoints pad theirs.
+@dataclass(frozen=True)
+class Preset:
+    dllm: Dims
+    verifier: Dims
+    max_positions: int
+    rope_theta: float = 10000.0
+
+
+# The tokenizer has 260 tokens; both vocabularies are padded past it, the dLLM's further, as
+# real checkpoints pad theirs.
 PRESETS = {
-    "tiny": (Dims(288, 64, 128, 2, 4, 2), Dims(272, 32, 64, 2, 4, 2)),
+    "tiny": Preset(Dims(288, 64, 128, 2, 4, 2), Dims(272, 32, 64, 2, 4, 2), 512),
     # Realistic proportions for CPU benchmarks: a ~30M-parameter dLLM and a ~3M verifier.
-    "30m": (Dims(8000, 512, 1536, 8, 8, 2), Dims(8000, 256, 768, 4, 4, 2)),
+    "30m": Preset(Dims(8000, 512, 1536, 8, 8, 2), Dims(8000, 256, 768, 4, 4, 2), 2048),
+    # Real widths for GPU benchmarks: Qwen2.5-0.5B's dimensions with Dream's vocabulary, untied
+    # (~0.63B), and a small verifier with Qwen2.5's vocabulary, tied.
+    "600m": Preset(Dims(152064, 896, 4864, 24, 14, 2), Dims(151936, 512, 2048, 8, 8, 2), 4096, rope_theta=1e6),
 }
-MAX_POSITIONS = {"tiny": 512, "30m": 2048}
 
 
 def build_tokenizer():
@@ -58,7 +75,7 @@ def build_tokenizer():
     return tokenizer
 
 
-def _config(dims: Dims, special: dict[str, int], dllm: bool, max_positions: int) -> dict:
+def _config(dims: Dims, special: dict[str, int], dllm: bool, preset: Preset) -> dict:
     common = {
         "attention_dropout": 0.0,
         "bos_token_id": special["<|endoftext|>"],
@@ -68,13 +85,13 @@ def _config(dims: Dims, special: dict[str, int], dllm: bool, max_positions: int)
         "hidden_size": dims.hidden_size,
         "initializer_range": INIT_STD,
         "intermediate_size": dims.intermediate_size,
-        "max_position_embeddings": max_positions,
+        "max_position_embeddings": preset.max_positions,
         "num_attention_heads": dims.num_attention_heads,
         "num_hidden_layers": dims.num_hidden_layers,
         "num_key_value_heads": dims.num_key_value_heads,
         "rms_norm_eps": 1e-6,
         "rope_scaling": None,
-        "rope_theta": 10000.0,
+        "rope_theta": preset.rope_theta,
         "sliding_window": None,
         "use_sliding_window": False,
         "use_cache": True,
@@ -95,7 +112,9 @@ def random_weights(dims: Dims, tied: bool, rng: np.random.Generator) -> dict[str
     q, kv = dims.num_attention_heads * head_dim, dims.num_key_value_heads * head_dim
 
     def normal(*shape: int) -> np.ndarray:
-        return rng.normal(0.0, INIT_STD, size=shape).astype(np.float32)
+        values = rng.standard_normal(shape, dtype=np.float32)  # float32 throughout: 600m draws 0.63B values
+        values *= INIT_STD
+        return values
 
     weights = {"model.embed_tokens.weight": normal(dims.vocab_size, h), "model.norm.weight": np.ones(h, np.float32)}
     for layer in range(dims.num_hidden_layers):
@@ -134,19 +153,41 @@ def write_checkpoint(directory: Path, config: dict, weights: dict[str, np.ndarra
         (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
+def recognise_pair(directory: Path) -> None:
+    """Raise BundleError unless `directory` is a pair written by make-tiny and holds nothing else."""
+    refuse = "--overwrite replaces only a pair written by `apd-deploy make-tiny`; move it away or choose another path"
+    try:
+        listed = set(json.loads((directory / MARKER).read_text())["files"]) | {MARKER}
+    except FileNotFoundError:
+        raise BundleError(f"{directory}: not a pair written by make-tiny (no {MARKER}); {refuse}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{directory / MARKER}: unreadable ({exc}); {refuse}") from None
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()}
+    foreign = sorted(present - listed)
+    if foreign:
+        raise BundleError(
+            f"{directory}: holds files make-tiny did not write ({', '.join(foreign[:5])}); --overwrite would delete "
+            "them: move them out or choose another path"
+        )
+
+
 def make_tiny(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
-    """Write `out/dllm` and `out/verifier`; returns `out`."""
+    """Write `out/dllm` and `out/verifier`; returns `out`. With `overwrite`, `out` may be an
+    earlier pair (and nothing else)."""
     if preset not in PRESETS:
         raise ApdDeployError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    dllm_dims, verifier_dims = PRESETS[preset]
+    out = Path(out)
+    chosen = PRESETS[preset]
     tokenizer = build_tokenizer()
     special = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     rng = np.random.default_rng(seed)
-    out = Path(out)
-    with staged_directory(out, overwrite) as staging:
-        positions = MAX_POSITIONS[preset]
-        write_checkpoint(staging / "dllm", _config(dllm_dims, special, True, positions),
-                         random_weights(dllm_dims, tied=False, rng=rng), tokenizer)
-        write_checkpoint(staging / "verifier", _config(verifier_dims, special, False, positions),
-                         random_weights(verifier_dims, tied=True, rng=rng), tokenizer)
+    with staged_directory(out, overwrite, recognise_pair) as staging:
+        # One model's weights in memory at a time: 600m's dLLM alone is 2.5 GB.
+        write_checkpoint(staging / "dllm", _config(chosen.dllm, special, True, chosen),
+                         random_weights(chosen.dllm, tied=False, rng=rng), tokenizer)
+        write_checkpoint(staging / "verifier", _config(chosen.verifier, special, False, chosen),
+                         random_weights(chosen.verifier, tied=True, rng=rng), tokenizer)
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        marker = {"written_by": "apd-deploy make-tiny", "preset": preset, "seed": seed, "files": files}
+        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return out
