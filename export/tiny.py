@@ -5,9 +5,11 @@ a verifier with tied embeddings, and a dLLM vocabulary larger than the verifier'
 152064 rows, Qwen2.5 151936). The `30m` preset has realistic proportions for CPU benchmarks, the
 `600m` preset real widths for GPU benchmarks.
 
-Weights are drawn with std 0.02, the initialiser real Qwen2 checkpoints start from, so that
-activations and logits stay at a trained model's scale (a few units, not thousands): larger
-weights made the 30m pair's logits reach thousands, and its fp16 graph failed its own check.
+Weights are drawn with std 0.02, the initialiser real Qwen2 checkpoints start from, and the final
+norm's gain is set so that the logits have std 3: a trained model's scale (a largest |logit| of
+ten or so, not thousands). Larger weights (std 0.3) made the 30m pair's logits reach thousands
+and its fp16 graph fail its own check; std 0.02 alone leaves logits near +-0.5, so flat that the
+verifier barely moves APD's mixture.
 
 The pair's directory holds `make-tiny.json`, the list of what was written: `--overwrite`
 replaces a pair that has one, and nothing else.
@@ -30,6 +32,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 INIT_STD = 0.02
+LOGITS_STD = 3.0
 MARKER = "make-tiny.json"
 
 
@@ -75,7 +78,7 @@ def build_tokenizer():
     return tokenizer
 
 
-def _config(dims: Dims, special: dict[str, int], dllm: bool, preset: Preset) -> dict:
+def model_config(dims: Dims, special: dict[str, int], dllm: bool, preset: Preset) -> dict:
     common = {
         "attention_dropout": 0.0,
         "bos_token_id": special["<|endoftext|>"],
@@ -105,32 +108,40 @@ def _config(dims: Dims, special: dict[str, int], dllm: bool, preset: Preset) -> 
             "layer_types": ["full_attention"] * dims.num_hidden_layers, **common}
 
 
-def random_weights(dims: Dims, tied: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Weights named as in Qwen2 / Dream checkpoints, with q/k/v biases."""
+def weight_shapes(dims: Dims, tied: bool) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes as in Qwen2 / Dream checkpoints, with q/k/v biases."""
     h, i = dims.hidden_size, dims.intermediate_size
     head_dim = h // dims.num_attention_heads
     q, kv = dims.num_attention_heads * head_dim, dims.num_key_value_heads * head_dim
-
-    def normal(*shape: int) -> np.ndarray:
-        values = rng.standard_normal(shape, dtype=np.float32)  # float32 throughout: 600m draws 0.63B values
-        values *= INIT_STD
-        return values
-
-    weights = {"model.embed_tokens.weight": normal(dims.vocab_size, h), "model.norm.weight": np.ones(h, np.float32)}
+    shapes = {"model.embed_tokens.weight": (dims.vocab_size, h), "model.norm.weight": (h,)}
     for layer in range(dims.num_hidden_layers):
         p = f"model.layers.{layer}."
-        weights.update({
-            p + "self_attn.q_proj.weight": normal(q, h), p + "self_attn.q_proj.bias": normal(q),
-            p + "self_attn.k_proj.weight": normal(kv, h), p + "self_attn.k_proj.bias": normal(kv),
-            p + "self_attn.v_proj.weight": normal(kv, h), p + "self_attn.v_proj.bias": normal(kv),
-            p + "self_attn.o_proj.weight": normal(h, q),
-            p + "mlp.gate_proj.weight": normal(i, h), p + "mlp.up_proj.weight": normal(i, h),
-            p + "mlp.down_proj.weight": normal(h, i),
-            p + "input_layernorm.weight": np.ones(h, np.float32),
-            p + "post_attention_layernorm.weight": np.ones(h, np.float32),
+        shapes.update({
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
         })
     if not tied:
-        weights["lm_head.weight"] = normal(dims.vocab_size, h)
+        shapes["lm_head.weight"] = (dims.vocab_size, h)
+    return shapes
+
+
+def random_weights(dims: Dims, tied: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random weights for `weight_shapes`: normal with std INIT_STD, layer norms at one, and the
+    final norm's gain giving logits of std LOGITS_STD (each logit sums hidden_size products of a
+    unit-scale activation and a weight of std INIT_STD)."""
+    weights = {}
+    for name, shape in weight_shapes(dims, tied).items():
+        if name == "model.norm.weight":
+            weights[name] = np.full(shape, LOGITS_STD / (INIT_STD * dims.hidden_size ** 0.5), np.float32)
+        elif name.endswith("norm.weight"):
+            weights[name] = np.ones(shape, np.float32)
+        else:
+            weights[name] = rng.standard_normal(shape, dtype=np.float32)  # float32 throughout: 600m draws 0.63B values
+            weights[name] *= INIT_STD
     return weights
 
 
@@ -183,9 +194,9 @@ def make_tiny(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: b
     rng = np.random.default_rng(seed)
     with staged_directory(out, overwrite, recognise_pair) as staging:
         # One model's weights in memory at a time: 600m's dLLM alone is 2.5 GB.
-        write_checkpoint(staging / "dllm", _config(chosen.dllm, special, True, chosen),
+        write_checkpoint(staging / "dllm", model_config(chosen.dllm, special, True, chosen),
                          random_weights(chosen.dllm, tied=False, rng=rng), tokenizer)
-        write_checkpoint(staging / "verifier", _config(chosen.verifier, special, False, chosen),
+        write_checkpoint(staging / "verifier", model_config(chosen.verifier, special, False, chosen),
                          random_weights(chosen.verifier, tied=True, rng=rng), tokenizer)
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         marker = {"written_by": "apd-deploy make-tiny", "preset": preset, "seed": seed, "files": files}
