@@ -2,18 +2,16 @@
 
 `manifest.schema.json` (next to this file) is the contract for loaders in any language. A
 bundle is always assembled in a staging directory beside its destination and renamed into
-place only when complete, so a reader never sees half a bundle.
+place only when complete (`apd_deploy.staging`), so a reader never sees half a bundle.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +31,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def file_records(directory: Path, under: str = ".") -> dict[str, dict[str, Any]]:
+def file_records(directory: Path, under: str = ".", known: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file below `directory / under` except the manifest, keyed by
-    POSIX path relative to `directory`."""
+    POSIX path relative to `directory`. Files in `known` take its records instead of being hashed
+    again (multi-GB graphs take seconds each)."""
+    known = known or {}
     records = {}
     for path in sorted(p for p in (directory / under).rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
-        if rel != MANIFEST:
+        if rel in known:
+            records[rel] = known[rel]
+        elif rel != MANIFEST:
             records[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return records
 
@@ -69,40 +71,34 @@ def store_manifest(directory: Path, manifest: dict[str, Any]) -> None:
         raise
 
 
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file of `directory`, validate and write its manifest; returns the manifest."""
-    manifest = {**manifest, "files": file_records(directory)}
-    store_manifest(directory, manifest)
-    return manifest
+# Names this tool gives its own temporary files inside a bundle (store_manifest's manifest being
+# written, build-engine's staging and retired folders); a killed process may leave them behind.
+TEMPORARY_NAME = re.compile(r"^\.(manifest\.json\.|.+\.(staging|old)-)")
 
 
-@contextlib.contextmanager
-def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty staging directory that replaces `target` if the block completes.
-
-    On any exception the staging directory is removed and `target` is left exactly as it was.
-    """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise BundleError(f"{target}: already exists; choose another output path or pass --overwrite")
-    if target.exists() and not target.is_dir():
-        raise BundleError(f"{target}: exists and is not a directory; remove it or choose another path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
+def recognise_bundle(directory: Path) -> None:
+    """Raise BundleError unless `directory` holds a bundle and nothing else: only then may
+    `export --overwrite` replace it."""
+    refuse = "--overwrite replaces only a bundle written by apd-deploy; move it away or choose another output path"
     try:
-        yield staging
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{directory}: not an apd-deploy bundle (no {MANIFEST}); {refuse}") from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{directory / MANIFEST}: unreadable ({exc}); {refuse}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{directory / MANIFEST}: field 'format' is not '{FORMAT}'; {refuse}")
+    listed = set(manifest.get("files") or {}) | {MANIFEST}
+    foreign = [
+        rel for rel in (p.relative_to(directory).as_posix() for p in sorted(directory.rglob("*")) if not p.is_dir())
+        if rel not in listed and not any(TEMPORARY_NAME.match(part) for part in rel.split("/"))
+    ]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise BundleError(
+            f"{directory}: holds files that are not part of the bundle ({shown}: not in {MANIFEST} 'files'); "
+            "--overwrite would delete them: move them out of the bundle or choose another output path"
+        )
 
 
 VERIFY_MODES = ("full", "remembered", "skip")

@@ -60,12 +60,32 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+def interruptible(command: Callable[..., Any]) -> Callable[..., Any]:
+    """SIGTERM ends the command as Ctrl-C does, removing its staging folder; exit status 143,
+    the shell's for death by SIGTERM."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from apd_deploy.staging import Terminated, sigterm_raises
+
+        try:
+            with sigterm_raises():
+                return command(*args, **kwargs)
+        except Terminated:
+            click.echo("error: terminated (SIGTERM); nothing was written", err=True)
+            sys.exit(143)
+
+    return wrapper
+
+
 @cli.command("make-tiny")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(["tiny", "30m"]), default="tiny", show_default=True,
-              help="tiny: for tests; 30m: a 30M-parameter dLLM and a 3M verifier, for CPU benchmarks.")
+@click.option("--preset", type=click.Choice(["tiny", "30m", "600m"]), default="tiny", show_default=True,
+              help="tiny: for tests; 30m: a 30M-parameter dLLM and a 3M verifier, for CPU benchmarks; "
+                   "600m: Qwen2.5-0.5B's widths with Dream's vocabulary (0.63B) and a 0.2B verifier, for GPUs.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a pair make-tiny wrote.")
+@interruptible
 @user_errors
 def make_tiny_command(out: str, preset: str, seed: int, overwrite: bool) -> None:
     """Write a random dLLM + verifier pair (OUT/dllm, OUT/verifier) in the real checkpoint formats."""
@@ -84,23 +104,30 @@ def make_tiny_command(out: str, preset: str, seed: int, overwrite: bool) -> None
 @click.option("--tolerance", type=click.FloatRange(min=0), default=None,
               help="Max |ONNX - PyTorch| logits allowed [default: per dtype, relative to the logits' scale].")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickled .bin weights (they can run code: trusted sources only).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing bundle (only once the new one is complete).")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it is a bundle apd-deploy wrote (only once the new one is complete).")
+@click.option("--quiet", is_flag=True, help="No progress output (warnings still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@interruptible
 @user_errors
 def export_command(dllm_dir: str, verifier_dir: str, out: str, dtype: str, opset: int, tolerance: float | None,
                    allow_pickle: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
     """Export the dLLM and the verifier to ONNX with KV-cache I/O, check both, write a bundle."""
+    import time
+
+    started = time.perf_counter()
     from apd_deploy.export.pipeline import export_bundle
 
     manifest = export_bundle(dllm_dir, verifier_dir, out, dtype=dtype, opset=opset, allow_pickle=allow_pickle,
-                             overwrite=overwrite, tolerance=tolerance, report=progress_printer(quiet or as_json))
+                             overwrite=overwrite, tolerance=tolerance, report=progress_printer(quiet or as_json),
+                             warn=progress_printer(False))
     summary = {
         "bundle": out,
         "dtype": dtype,
         "opset": opset,
-        "seconds": manifest["export"]["seconds"],
+        "seconds": round(time.perf_counter() - started, 2),  # all of it: imports, hashing, the final rename
         "checks": {role: m["check"] for role, m in manifest["models"].items()},
+        "engines": sorted(manifest.get("engines", {})),
         "files": manifest["files"],
     }
     if as_json:

@@ -26,15 +26,25 @@ TOKENIZER_FILES = (
 
 
 @dataclass
+class CheckpointFiles:
+    """A checkpoint directory checked without reading its weights."""
+
+    path: Path
+    config: ModelConfig
+    weight_files: list[Path]
+    pickled: bool
+
+    @property
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+
+
+@dataclass
 class Checkpoint:
     path: Path
     config: ModelConfig
     model: DecoderLM
     weight_files: list[Path]
-
-    @property
-    def tokenizer_files(self) -> list[Path]:
-        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
 
 
 def _weight_files(directory: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
@@ -70,42 +80,53 @@ def _weight_files(directory: Path, allow_pickle: bool) -> tuple[list[Path], bool
     return files, pickled
 
 
-def _read_tensors(files: list[Path], pickled: bool) -> dict[str, torch.Tensor]:
+def _read_tensors(files: list[Path], pickled: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """All tensors of `files` in `dtype`. safetensors are converted one tensor at a time, so the
+    checkpoint's own copy (bf16 on disk, say) never exists beside the whole converted model."""
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             if pickled:
-                tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+                loaded = torch.load(f, map_location="cpu", weights_only=True)
+                tensors.update((name, loaded.pop(name).to(dtype)) for name in list(loaded))
             else:
-                from safetensors.torch import load_file
+                from safetensors import safe_open
 
-                tensors.update(load_file(f))
+                with safe_open(f, framework="pt") as opened:
+                    for name in opened.keys():
+                        tensors[name] = opened.get_tensor(name).to(dtype)
         except Exception as exc:  # the libraries raise many types for a damaged file
             raise CheckpointError(f"{f}: cannot read weights ({type(exc).__name__}: {exc}); re-download or re-save it") from None
     return tensors
 
 
-def load_checkpoint(path: str | Path, role: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> Checkpoint:
-    """Load the checkpoint directory `path` as the `role` model ('dllm' or 'verifier')."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(
-            f"{directory}: not a directory; --{role} takes a local checkpoint directory (config.json + *.safetensors)"
-        )
-    config = read_config(directory / "config.json", role)
-    files, pickled = _weight_files(directory, allow_pickle)
-    tensors = _read_tensors(files, pickled)
+def _header_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors headers, without reading any weights."""
+    from safetensors import safe_open
 
-    qkv_bias = "model.layers.0.self_attn.q_proj.bias" in tensors
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as opened:
+                shapes.update((name, tuple(opened.get_slice(name).get_shape())) for name in opened.keys())
+        except Exception as exc:  # the libraries raise many types for a damaged file
+            raise CheckpointError(f"{f}: cannot read weights ({type(exc).__name__}: {exc}); re-download or re-save it") from None
+    return shapes
+
+
+def _match_weights(directory: Path, config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Check the checkpoint's tensor names and shapes against `config`; returns the names to
+    load, with their shapes (a tied checkpoint's stored copy of the embeddings and rotary
+    buffers are dropped)."""
+    qkv_bias = "model.layers.0.self_attn.q_proj.bias" in shapes
     with torch.device("meta"):
-        model = DecoderLM(config, qkv_bias)
-    expected = model.state_dict()
+        expected = {k: tuple(v.shape) for k, v in DecoderLM(config, qkv_bias).state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
-        tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
-    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    found = {k: v for k, v in shapes.items()
+             if not k.endswith("rotary_emb.inv_freq") and not (config.tie_word_embeddings and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -114,16 +135,42 @@ def load_checkpoint(path: str | Path, role: str, dtype: torch.dtype = torch.floa
             parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
         hint = " (is 'tie_word_embeddings' right in config.json?)" if "lm_head.weight" in missing else ""
         raise CheckpointError(f"{directory}: weights do not match config.json: {'; '.join(parts)}{hint}")
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+    for name, shape in found.items():
+        if shape != expected[name]:
             raise CheckpointError(
-                f"{directory}: tensor '{name}' has shape {tuple(tensor.shape)}, config.json implies "
-                f"{tuple(expected[name].shape)}; the config does not belong to these weights"
+                f"{directory}: tensor '{name}' has shape {shape}, config.json implies "
+                f"{expected[name]}; the config does not belong to these weights"
             )
-        tensors[name] = tensor.to(dtype)
+    return found
+
+
+def inspect_checkpoint(path: str | Path, role: str, allow_pickle: bool = False) -> CheckpointFiles:
+    """Check the directory `path` as the `role` model ('dllm' or 'verifier'): its config and,
+    from the safetensors headers, its tensor names and shapes. Cheap: no weights are read."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"{directory}: not a directory; --{role} takes a local checkpoint directory (config.json + *.safetensors)"
+        )
+    config = read_config(directory / "config.json", role)
+    files, pickled = _weight_files(directory, allow_pickle)
+    if not pickled:  # pickles have no header: they are checked once loaded
+        _match_weights(directory, config, _header_shapes(files))
+    return CheckpointFiles(directory, config, files, pickled)
+
+
+def load_checkpoint(path: str | Path, role: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> Checkpoint:
+    """Load the checkpoint directory `path` as the `role` model ('dllm' or 'verifier')."""
+    found = inspect_checkpoint(path, role, allow_pickle)
+    directory, config = found.path, found.config
+    tensors = _read_tensors(found.weight_files, found.pickled, dtype)
+    names = _match_weights(directory, config, {k: tuple(v.shape) for k, v in tensors.items()})
+    tensors = {k: v for k, v in tensors.items() if k in names}
+    with torch.device("meta"):
+        model = DecoderLM(config, "model.layers.0.self_attn.q_proj.bias" in tensors)
     if config.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     model.load_state_dict(tensors, assign=True)
     if config.tie_word_embeddings:  # assign=True replaced the shared parameter: share it again
         model.lm_head.weight = model.model.embed_tokens.weight
-    return Checkpoint(directory, config, model.eval(), files)
+    return Checkpoint(directory, config, model.eval(), found.weight_files)

@@ -1,8 +1,15 @@
-"""`apd-deploy export`: two checkpoint directories in, one checked bundle out."""
+"""`apd-deploy export`: two checkpoint directories in, one checked bundle out.
+
+Memory: one model at a time. Both checkpoints are first checked without reading their weights;
+then each model is loaded, traced, run once for the reference logits and freed before
+onnxruntime loads its graph, so the peak is about one model (the larger) plus what the exporter
+or onnxruntime adds, not the sum of both models and a session.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import shutil
 import time
@@ -14,12 +21,14 @@ import numpy as np
 import torch
 
 from apd_deploy import __version__
-from apd_deploy.bundle import FORMAT, FORMAT_VERSION, staged_directory, write_manifest
+from apd_deploy.bundle import FORMAT, FORMAT_VERSION, file_records, recognise_bundle, store_manifest
 from apd_deploy.errors import CheckpointError, ExportCheckError
 from apd_deploy.export import parity
-from apd_deploy.export.checkpoint import Checkpoint, load_checkpoint
+from apd_deploy.export.carry_engines import carry_engines
+from apd_deploy.export.checkpoint import CheckpointFiles, inspect_checkpoint, load_checkpoint
 from apd_deploy.export.graph_io import graph_io
 from apd_deploy.export.trace import trace_to_onnx
+from apd_deploy.staging import check_destination, staged_directory
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_ELEMENT_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -42,7 +51,7 @@ def _stage(report: Report, what: str) -> Iterator[None]:
     report(f"{what}: done in {time.perf_counter() - start:.1f} s")
 
 
-def check_compatible(dllm: Checkpoint, verifier: Checkpoint) -> None:
+def check_compatible(dllm: CheckpointFiles, verifier: CheckpointFiles) -> None:
     """The pair must share a tokenizer: APD compares their predictions token id by token id."""
     d, v = dllm.config, verifier.config
     if v.vocab_size > d.vocab_size:
@@ -62,23 +71,22 @@ def check_compatible(dllm: Checkpoint, verifier: Checkpoint) -> None:
             )
 
 
-def _check_graph(ckpt: Checkpoint, onnx_path: Path, dtype: str, tolerance: float | None) -> dict[str, Any]:
+def _steps_and_tokens(cfg) -> tuple[tuple[tuple[int, int], ...], np.ndarray]:
+    steps = parity.VERIFIER_STEPS if cfg.causal else parity.DLLM_STEPS
+    mask = None if cfg.causal else cfg.mask_token_id
+    return steps, parity.check_tokens(cfg.vocab_size, max(k + n for k, n in steps), mask)
+
+
+def _check_graph(source: CheckpointFiles, onnx_path: Path, dtype: str, expected: list[np.ndarray], reference_name: str,
+                 tolerance: float | None) -> dict[str, Any]:
     session, reason = parity.ort_session(onnx_path)
     if session is None:
         return {"status": "skipped", "reason": reason}
-    cfg = ckpt.config
-    if cfg.causal:
-        steps = parity.VERIFIER_STEPS
-        reference = parity.full_prefix_stepper(parity.load_transformers_reference(ckpt.path, DTYPES[dtype]))
-        reference_name = "transformers"
-        tokens = parity.check_tokens(cfg.vocab_size, max(k + n for k, n in steps), None)
-    else:
-        steps = parity.DLLM_STEPS
-        reference = parity.torch_stepper(ckpt.model)
-        reference_name = "apd_deploy.export.transformer"
-        tokens = parity.check_tokens(cfg.vocab_size, max(k + n for k, n in steps), cfg.mask_token_id)
-    graph = parity.onnx_stepper(session, tuple(ckpt.model.empty_cache(parity.BATCH).shape), np.dtype(ONNX_ELEMENT_TYPES[dtype]))
-    result = parity.compare(graph, reference, tokens, steps, dtype, reference_name, tolerance)
+    cfg = source.config
+    steps, tokens = _steps_and_tokens(cfg)
+    cache_shape = (cfg.num_hidden_layers, 2, parity.BATCH, cfg.num_key_value_heads, 0, cfg.head_dim)
+    graph = parity.onnx_stepper(session, cache_shape, np.dtype(ONNX_ELEMENT_TYPES[dtype]))
+    result = parity.compare(graph, expected, tokens, steps, dtype, reference_name, tolerance)
     if not result.passed:
         raise ExportCheckError(
             f"{onnx_path.name}: onnxruntime and PyTorch ({reference_name}) disagree: max |logits diff| "
@@ -88,7 +96,35 @@ def _check_graph(ckpt: Checkpoint, onnx_path: Path, dtype: str, tolerance: float
     return result.to_dict()
 
 
-def _model_entry(ckpt: Checkpoint, graph: str, dtype: str, check: dict[str, Any]) -> dict[str, Any]:
+def _export_model(role: str, source: CheckpointFiles, graph: Path, dtype: str, opset: int, allow_pickle: bool,
+                  tolerance: float | None, report: Report) -> dict[str, Any]:
+    """Load, trace and check one model, holding one copy of its weights at a time; returns the check.
+
+    The reference logits are computed before onnxruntime loads the graph, and the PyTorch model
+    is freed in between. The dLLM is checked against the project's model; the verifier against
+    transformers' own implementation, which loads its own copy once the project's is gone."""
+    with _stage(report, f"loading {role} from {source.path}"):
+        model = load_checkpoint(source.path, role, DTYPES[dtype], allow_pickle).model
+    with _stage(report, f"tracing {role} to ONNX (opset {opset}, {dtype})"):
+        trace_to_onnx(model, graph, opset)
+    with _stage(report, f"checking {role} graph against PyTorch"):
+        steps, tokens = _steps_and_tokens(source.config)
+        if source.config.causal:
+            del model
+            gc.collect()  # the exporter's graph holds reference cycles back to the parameters
+            reference_name = "transformers"
+            reference = parity.full_prefix_stepper(parity.load_transformers_reference(source.path, DTYPES[dtype]))
+        else:
+            reference_name = "apd_deploy.export.transformer"
+            reference = parity.torch_stepper(model)
+            del model
+        expected = parity.reference_logits(reference, tokens, steps)
+        del reference
+        gc.collect()
+        return _check_graph(source, graph, dtype, expected, reference_name, tolerance)
+
+
+def _model_entry(ckpt: CheckpointFiles, graph: str, dtype: str, check: dict[str, Any]) -> dict[str, Any]:
     return {
         "graph": graph,
         "source": str(ckpt.path.resolve()),
@@ -101,7 +137,7 @@ def _model_entry(ckpt: Checkpoint, graph: str, dtype: str, check: dict[str, Any]
     }
 
 
-def _copy_tokenizer(dllm: Checkpoint, verifier: Checkpoint, staging: Path) -> dict[str, Any] | None:
+def _copy_tokenizer(dllm: CheckpointFiles, verifier: CheckpointFiles, staging: Path) -> dict[str, Any] | None:
     source = next((c for c in (dllm, verifier) if (c.path / "tokenizer.json").is_file()), None)
     if source is None:
         return None
@@ -123,35 +159,38 @@ def export_bundle(
     overwrite: bool = False,
     tolerance: float | None = None,
     report: Report = _silent,
+    warn: Report = _silent,
 ) -> dict[str, Any]:
     """Export both checkpoints into the bundle directory `out` and return its manifest.
 
     `tolerance` overrides the per-dtype bound on max |ORT - PyTorch| logits. Nothing is written
-    at `out` unless every step succeeds.
+    at `out` unless every step succeeds; with `overwrite`, `out` may be an existing bundle (and
+    nothing else). `warn` receives what the user must know even without progress output: a check
+    that could not run, engines of the replaced bundle that were dropped.
     """
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out)
+    check_destination(out, overwrite, recognise_bundle)  # before minutes of loading and tracing
     started = time.perf_counter()
     # The exporter logs a line per optional op library it cannot find; none matter here.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    out = Path(out)
-    with _stage(report, f"loading dLLM from {dllm_dir}"):
-        dllm = load_checkpoint(dllm_dir, "dllm", DTYPES[dtype], allow_pickle)
-    with _stage(report, f"loading verifier from {verifier_dir}"):
-        verifier = load_checkpoint(verifier_dir, "verifier", DTYPES[dtype], allow_pickle)
+    dllm = inspect_checkpoint(dllm_dir, "dllm", allow_pickle)
+    verifier = inspect_checkpoint(verifier_dir, "verifier", allow_pickle)
     check_compatible(dllm, verifier)
 
-    with staged_directory(out, overwrite) as staging:
+    with staged_directory(out, overwrite, recognise_bundle) as staging:
         models = {}
-        for role, ckpt in (("dllm", dllm), ("verifier", verifier)):
+        for role, source in (("dllm", dllm), ("verifier", verifier)):
             graph = f"{role}.onnx"
-            with _stage(report, f"tracing {role} to ONNX (opset {opset}, {dtype})"):
-                trace_to_onnx(ckpt.model, staging / graph, opset)
-            with _stage(report, f"checking {role} graph against PyTorch"):
-                check = _check_graph(ckpt, staging / graph, dtype, tolerance)
+            check = _export_model(role, source, staging / graph, dtype, opset, allow_pickle, tolerance, report)
             if check["status"] == "skipped":
-                report(f"warning: {role} graph not checked: {check['reason']}")
-            models[role] = _model_entry(ckpt, graph, dtype, check)
+                warn(f"warning: {role} graph not checked: {check['reason']}")
+            models[role] = _model_entry(source, graph, dtype, check)
+        graphs = file_records(staging)
+        carried = carry_engines(out, staging, graphs)
+        for message in carried.dropped:
+            warn(f"warning: {message}")
         import onnx
 
         d, v = dllm.config, verifier.config
@@ -168,14 +207,12 @@ def export_bundle(
             },
             "apd_defaults": dict(APD_DEFAULTS),
             "tokenizer": _copy_tokenizer(dllm, verifier, staging),
-            "export": {
-                "dtype": dtype,
-                "opset": opset,
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "seconds": round(time.perf_counter() - started, 2),
-            },
+            "export": {"dtype": dtype, "opset": opset, "torch": torch.__version__, "onnx": onnx.__version__},
         }
+        if carried.engines:
+            manifest["engines"] = carried.engines
         with _stage(report, "hashing files and writing manifest.json"):
-            manifest = write_manifest(staging, manifest)
+            manifest["files"] = file_records(staging, known={**graphs, **carried.records})
+            manifest["export"]["seconds"] = round(time.perf_counter() - started, 2)
+            store_manifest(staging, manifest)
     return manifest

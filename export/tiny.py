@@ -2,9 +2,17 @@
 
 The default `tiny` pair exercises what real pairs have: grouped-query attention, q/k/v biases,
 a verifier with tied embeddings, and a dLLM vocabulary larger than the verifier's (Dream has
-152064 rows, Qwen2.5 151936). The `30m` preset has realistic proportions for CPU benchmarks.
-Weights are drawn with std 0.3 so that a random model's predictions vary from position to
-position instead of repeating one token.
+152064 rows, Qwen2.5 151936). The `30m` preset has realistic proportions for CPU benchmarks, the
+`600m` preset real widths for GPU benchmarks.
+
+Weights are drawn with std 0.02, the initialiser real Qwen2 checkpoints start from, and the final
+norm's gain is set so that the logits have std 3: a trained model's scale (a largest |logit| of
+ten or so, not thousands). Larger weights (std 0.3) made the 30m pair's logits reach thousands
+and its fp16 graph fail its own check; std 0.02 alone leaves logits near +-0.5, so flat that the
+verifier barely moves APD's mixture.
+
+The pair's directory holds `make-tiny.json`, the list of what was written: `--overwrite`
+replaces a pair that has one, and nothing else.
 """
 
 from __future__ import annotations
@@ -15,15 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-from apd_deploy.bundle import staged_directory
-from apd_deploy.errors import ApdDeployError
+from apd_deploy.errors import ApdDeployError, BundleError
+from apd_deploy.staging import staged_directory
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-INIT_STD = 0.3
+INIT_STD = 0.02
+LOGITS_STD = 3.0
+MARKER = "make-tiny.json"
 
 
 @dataclass(frozen=True)
@@ -36,14 +46,24 @@ class Dims:
     num_key_value_heads: int
 
 
-# (dLLM, verifier) per preset. The tokenizer has 260 tokens; both vocabularies are padded past
-# it, the dLLM's further, as real checkpoints pad theirs.
+@dataclass(frozen=True)
+class Preset:
+    dllm: Dims
+    verifier: Dims
+    max_positions: int
+    rope_theta: float = 10000.0
+
+
+# The tokenizer has 260 tokens; both vocabularies are padded past it, the dLLM's further, as
+# real checkpoints pad theirs.
 PRESETS = {
-    "tiny": (Dims(288, 64, 128, 2, 4, 2), Dims(272, 32, 64, 2, 4, 2)),
+    "tiny": Preset(Dims(288, 64, 128, 2, 4, 2), Dims(272, 32, 64, 2, 4, 2), 512),
     # Realistic proportions for CPU benchmarks: a ~30M-parameter dLLM and a ~3M verifier.
-    "30m": (Dims(8000, 512, 1536, 8, 8, 2), Dims(8000, 256, 768, 4, 4, 2)),
+    "30m": Preset(Dims(8000, 512, 1536, 8, 8, 2), Dims(8000, 256, 768, 4, 4, 2), 2048),
+    # Real widths for GPU benchmarks: Qwen2.5-0.5B's dimensions with Dream's vocabulary, untied
+    # (~0.63B), and a small verifier with Qwen2.5's vocabulary, tied.
+    "600m": Preset(Dims(152064, 896, 4864, 24, 14, 2), Dims(151936, 512, 2048, 8, 8, 2), 4096, rope_theta=1e6),
 }
-MAX_POSITIONS = {"tiny": 512, "30m": 2048}
 
 
 def build_tokenizer():
@@ -58,7 +78,7 @@ def build_tokenizer():
     return tokenizer
 
 
-def _config(dims: Dims, special: dict[str, int], dllm: bool, max_positions: int) -> dict:
+def model_config(dims: Dims, special: dict[str, int], dllm: bool, preset: Preset) -> dict:
     common = {
         "attention_dropout": 0.0,
         "bos_token_id": special["<|endoftext|>"],
@@ -68,13 +88,13 @@ def _config(dims: Dims, special: dict[str, int], dllm: bool, max_positions: int)
         "hidden_size": dims.hidden_size,
         "initializer_range": INIT_STD,
         "intermediate_size": dims.intermediate_size,
-        "max_position_embeddings": max_positions,
+        "max_position_embeddings": preset.max_positions,
         "num_attention_heads": dims.num_attention_heads,
         "num_hidden_layers": dims.num_hidden_layers,
         "num_key_value_heads": dims.num_key_value_heads,
         "rms_norm_eps": 1e-6,
         "rope_scaling": None,
-        "rope_theta": 10000.0,
+        "rope_theta": preset.rope_theta,
         "sliding_window": None,
         "use_sliding_window": False,
         "use_cache": True,
@@ -88,30 +108,40 @@ def _config(dims: Dims, special: dict[str, int], dllm: bool, max_positions: int)
             "layer_types": ["full_attention"] * dims.num_hidden_layers, **common}
 
 
-def random_weights(dims: Dims, tied: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Weights named as in Qwen2 / Dream checkpoints, with q/k/v biases."""
+def weight_shapes(dims: Dims, tied: bool) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes as in Qwen2 / Dream checkpoints, with q/k/v biases."""
     h, i = dims.hidden_size, dims.intermediate_size
     head_dim = h // dims.num_attention_heads
     q, kv = dims.num_attention_heads * head_dim, dims.num_key_value_heads * head_dim
-
-    def normal(*shape: int) -> np.ndarray:
-        return rng.normal(0.0, INIT_STD, size=shape).astype(np.float32)
-
-    weights = {"model.embed_tokens.weight": normal(dims.vocab_size, h), "model.norm.weight": np.ones(h, np.float32)}
+    shapes = {"model.embed_tokens.weight": (dims.vocab_size, h), "model.norm.weight": (h,)}
     for layer in range(dims.num_hidden_layers):
         p = f"model.layers.{layer}."
-        weights.update({
-            p + "self_attn.q_proj.weight": normal(q, h), p + "self_attn.q_proj.bias": normal(q),
-            p + "self_attn.k_proj.weight": normal(kv, h), p + "self_attn.k_proj.bias": normal(kv),
-            p + "self_attn.v_proj.weight": normal(kv, h), p + "self_attn.v_proj.bias": normal(kv),
-            p + "self_attn.o_proj.weight": normal(h, q),
-            p + "mlp.gate_proj.weight": normal(i, h), p + "mlp.up_proj.weight": normal(i, h),
-            p + "mlp.down_proj.weight": normal(h, i),
-            p + "input_layernorm.weight": np.ones(h, np.float32),
-            p + "post_attention_layernorm.weight": np.ones(h, np.float32),
+        shapes.update({
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
         })
     if not tied:
-        weights["lm_head.weight"] = normal(dims.vocab_size, h)
+        shapes["lm_head.weight"] = (dims.vocab_size, h)
+    return shapes
+
+
+def random_weights(dims: Dims, tied: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random weights for `weight_shapes`: normal with std INIT_STD, layer norms at one, and the
+    final norm's gain giving logits of std LOGITS_STD (each logit sums hidden_size products of a
+    unit-scale activation and a weight of std INIT_STD)."""
+    weights = {}
+    for name, shape in weight_shapes(dims, tied).items():
+        if name == "model.norm.weight":
+            weights[name] = np.full(shape, LOGITS_STD / (INIT_STD * dims.hidden_size ** 0.5), np.float32)
+        elif name.endswith("norm.weight"):
+            weights[name] = np.ones(shape, np.float32)
+        else:
+            weights[name] = rng.standard_normal(shape, dtype=np.float32)  # float32 throughout: 600m draws 0.63B values
+            weights[name] *= INIT_STD
     return weights
 
 
@@ -134,19 +164,41 @@ def write_checkpoint(directory: Path, config: dict, weights: dict[str, np.ndarra
         (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
+def recognise_pair(directory: Path) -> None:
+    """Raise BundleError unless `directory` is a pair written by make-tiny and holds nothing else."""
+    refuse = "--overwrite replaces only a pair written by `apd-deploy make-tiny`; move it away or choose another path"
+    try:
+        listed = set(json.loads((directory / MARKER).read_text())["files"]) | {MARKER}
+    except FileNotFoundError:
+        raise BundleError(f"{directory}: not a pair written by make-tiny (no {MARKER}); {refuse}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{directory / MARKER}: unreadable ({exc}); {refuse}") from None
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()}
+    foreign = sorted(present - listed)
+    if foreign:
+        raise BundleError(
+            f"{directory}: holds files make-tiny did not write ({', '.join(foreign[:5])}); --overwrite would delete "
+            "them: move them out or choose another path"
+        )
+
+
 def make_tiny(out: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
-    """Write `out/dllm` and `out/verifier`; returns `out`."""
+    """Write `out/dllm` and `out/verifier`; returns `out`. With `overwrite`, `out` may be an
+    earlier pair (and nothing else)."""
     if preset not in PRESETS:
         raise ApdDeployError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    dllm_dims, verifier_dims = PRESETS[preset]
+    out = Path(out)
+    chosen = PRESETS[preset]
     tokenizer = build_tokenizer()
     special = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     rng = np.random.default_rng(seed)
-    out = Path(out)
-    with staged_directory(out, overwrite) as staging:
-        positions = MAX_POSITIONS[preset]
-        write_checkpoint(staging / "dllm", _config(dllm_dims, special, True, positions),
-                         random_weights(dllm_dims, tied=False, rng=rng), tokenizer)
-        write_checkpoint(staging / "verifier", _config(verifier_dims, special, False, positions),
-                         random_weights(verifier_dims, tied=True, rng=rng), tokenizer)
+    with staged_directory(out, overwrite, recognise_pair) as staging:
+        # One model's weights in memory at a time: 600m's dLLM alone is 2.5 GB.
+        write_checkpoint(staging / "dllm", model_config(chosen.dllm, special, True, chosen),
+                         random_weights(chosen.dllm, tied=False, rng=rng), tokenizer)
+        write_checkpoint(staging / "verifier", model_config(chosen.verifier, special, False, chosen),
+                         random_weights(chosen.verifier, tied=True, rng=rng), tokenizer)
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        marker = {"written_by": "apd-deploy make-tiny", "preset": preset, "seed": seed, "files": files}
+        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return out
