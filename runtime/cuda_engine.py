@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 
 from apd_deploy.errors import BundleError
+from apd_deploy.runtime.arrays import to_host
 from apd_deploy.runtime.engine import NUMPY_DTYPES, DecoderSpec, ort_session_options, window_feed
 from apd_deploy.runtime.fixed_shapes import FixedShape, PaddedInputs
 from apd_deploy.runtime.kv_cache import KVCache
 
 # Sessions kept per engine, one per fixed shape; each holds its own copy of the weights on the GPU.
-MAX_FIXED_SESSIONS = 6
+MAX_FIXED_SESSIONS = 8
 # Windows and capacities above these run at their exact size.
 MAX_FIXED_WINDOW, MAX_FIXED_CAPACITY = 1024, 16384
 
@@ -142,7 +143,7 @@ class OrtCudaDecoder:
         return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype, xp=self.xp)
 
     def run(self, ids, cache: KVCache, rows=None):
-        rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        rows = None if rows is None else to_host(rows).astype(np.int64, copy=False)
         with self._lock, self.stream:
             ids = self._to_device(ids)
             n = ids.shape[1]

@@ -24,7 +24,7 @@ import numpy as np
 
 from apd_deploy.runtime.kv_cache import KVCache
 
-MIN_WINDOW, MIN_ROWS, MIN_CAPACITY = 16, 16, 256
+MIN_WINDOW, MAX_MIN_ROWS, MIN_CAPACITY = 16, 128, 256
 
 
 def round_up(n: int, minimum: int) -> int:
@@ -40,7 +40,11 @@ class FixedShape:
 
     @classmethod
     def holding(cls, window: int, rows: int, capacity: int) -> FixedShape:
-        return cls(round_up(window, MIN_WINDOW), round_up(rows, MIN_ROWS), round_up(capacity, MIN_CAPACITY))
+        # Rows are rounded up to the window's size (up to MAX_MIN_ROWS) rather than on their own:
+        # one row count per window size keeps the shapes of a run few (a graph and a session
+        # each), and extra rows cost only their share of the vocabulary projection.
+        window = round_up(window, MIN_WINDOW)
+        return cls(window, round_up(rows, min(window, MAX_MIN_ROWS)), round_up(capacity, MIN_CAPACITY))
 
     def dimensions(self) -> dict[str, int]:
         """Values of the graphs' symbolic dimensions (`manifest.json` inputs) at this shape."""

@@ -12,18 +12,18 @@ RESULTS=${2:-$WORK}
 mkdir -p "$WORK" "$RESULTS"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS/gpu.txt"
 
-timeout 150 python3 "$HERE/gpu_check.py" --work "$WORK/check" 2>&1 | tee "$RESULTS/gpu_check.txt"
+timeout 100 python3 "$HERE/gpu_check.py" --work "$WORK/check" 2>&1 | tee "$RESULTS/gpu_check.txt"
 
 pair() {  # pair PRESET DTYPE LIMIT_S
-  local preset=$1 dtype=$2 limit=$3 started=$SECONDS
+  local preset=$1 dtype=$2 limit=$3
   timeout "$limit" bash -c "
     set -e
     apd-deploy make-tiny '$WORK/$preset' --preset $preset --overwrite
     apd-deploy export --dllm '$WORK/$preset/dllm' --verifier '$WORK/$preset/verifier' -o '$WORK/$preset-$dtype' --dtype $dtype --overwrite --quiet
     apd-deploy build-engine '$WORK/$preset-$dtype' --backend onnxruntime --device cuda --precision $dtype --quiet
-    echo \"$preset $dtype: bundle ready after \$((SECONDS - $started)) s\"
+    echo \"$preset $dtype: bundle ready after \$SECONDS s\"
     python3 '$HERE/bench_gpu.py' '$WORK/$preset-$dtype' --engine onnxruntime-cuda-$dtype --json '$RESULTS/bench-$preset-$dtype.json'
   " 2>&1 | tee "$RESULTS/bench-$preset-$dtype.txt"
 }
-pair 30m fp32 150
+pair 30m fp32 120
 pair 600m fp16 330

@@ -59,6 +59,10 @@ def test_round_up_and_shapes():
     assert [round_up(n, 16) for n in (1, 16, 17, 100, 129)] == [16, 16, 32, 128, 256]
     shape = FixedShape.holding(window=116, rows=100, capacity=300)
     assert (shape.window, shape.rows, shape.capacity) == (128, 128, 512)
+    # One row count per window size: a few shapes per run, whatever the rows asked for.
+    assert FixedShape.holding(window=200, rows=3, capacity=300).rows == 128
+    assert FixedShape.holding(window=9, rows=1, capacity=10) == FixedShape(16, 16, 256)
+    assert FixedShape.holding(window=300, rows=200, capacity=300).rows == 256
     assert shape.dimensions() == {"batch": 1, "seq_len": 128, "total_len": 640, "capacity": 512, "logit_len": 128}
 
 
