@@ -141,14 +141,14 @@ CHUNK_COLOURS = ("cyan", "yellow")
 @click.option("--alg", type=click.Choice(ALGORITHMS), default="apd", show_default=True,
               help="apd, or a baseline: leftright (the dLLM, K tokens per step), diffusion (Dream's own), ar (the verifier).")
 @apd_options
-@click.option("--tokens-per-step", type=click.IntRange(min=1), help="K >= 1, for --alg leftright  [default: 1]")
+@click.option("--tokens-per-step", type=click.IntRange(min=1), help="K: tokens per step for --alg leftright  [default: 1]")
 @click.option("--steps", type=click.IntRange(min=1),
-              help="Steps for --alg diffusion, 1 to --max-new-tokens  [default: --max-new-tokens]")
+              help="Steps for --alg diffusion, at most --max-new-tokens  [default: --max-new-tokens]")
 @click.option("--diffusion-order", type=click.Choice(ORDERS),
               help="Which positions --alg diffusion decides first: the dLLM's surest by this measure  [default: confidence]")
 @sampling_options
 @click.option("--max-new-tokens", type=click.IntRange(min=1),
-              help=f"Tokens to generate at most, >= 1  [default: {DEFAULT_MAX_NEW_TOKENS}, or fewer if the models' "
+              help=f"Tokens to generate at most  [default: {DEFAULT_MAX_NEW_TOKENS}, or fewer if the models' "
                    "positions leave less room after the prompt]")
 @click.option("--chat", is_flag=True, help="Wrap the --prompt text in the tokenizer's chat template.")
 @click.option("--engine", help="An engine of the bundle (apd-deploy build-engine)  [default: the ONNX graphs on the CPU]")
@@ -203,11 +203,11 @@ def generate_command(bundle: str, prompt: str | None, prompt_ids: list[int] | No
 @click.option("--device", type=click.Choice(["cpu", "cuda"]),
               help="Where it runs (tensorrt: cuda only)  [default: cpu for onnxruntime, cuda for tensorrt]")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="The engine's precision  [default: the export's dtype]")
-@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True, help="TensorRT: largest batch, >= 1.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True, help="TensorRT: largest batch.")
 @click.option("--max-seq-len", type=click.IntRange(min=2),
-              help="TensorRT: longest prompt + generation, >= 2  [default: the models' positions]")
+              help="TensorRT: longest prompt + generation  [default: the models' positions]")
 @click.option("--opt-window", type=click.IntRange(min=1),
-              help="TensorRT: window length to tune for, >= 1  [default: W + M (dLLM), M (verifier)]")
+              help="TensorRT: window length to tune for  [default: W + M (dLLM), M (verifier)]")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache to reuse and update.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the engine's manifest record as JSON.")
@@ -234,12 +234,12 @@ def build_engine_command(bundle: str, backend: str, device: str | None, precisio
               help="The task whose problems to solve.")
 @click.option("--split", type=click.Choice(list(arithmetic.SPLITS)), default="test", show_default=True,
               help="Which of the task's problems.")
-@click.option("--n", "n", type=click.IntRange(min=1), default=200, show_default=True, help="Problems per algorithm, >= 1.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=200, show_default=True, help="Problems per algorithm.")
 @click.option("--algs", default=DEFAULT_ALGS, show_default=True, callback=library_checked(parse_algs),
               help="Comma-separated; leftright:K commits K tokens per step, diffusion:S takes S steps.")
 @apd_options
 @sampling_options
-@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Tokens per answer at most, >= 1  [default: the task's]")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Tokens per answer at most  [default: the task's]")
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per algorithm, one per line.")
@@ -270,13 +270,13 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
 @click.option("--task", type=click.Choice(sorted(TASKS)), help="Prompts from a task's test problems (accuracy is measured).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
               help="A file of text prompts, one per line.")
-@click.option("--random-prompts", type=click.IntRange(min=1), help="N >= 1 random 16-token prompts.")
+@click.option("--random-prompts", type=click.IntRange(min=1), help="N random 16-token prompts.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=20, show_default=True, help="Problems, with --task.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Tokens per prompt, >= 1  [default: the task's, else 256]")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Tokens per prompt  [default: the task's, else 256]")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Runs per configuration (median and range), >= 1.")
+              help="Runs per configuration (median and range).")
 @click.option("--threads", type=click.IntRange(min=1),
-              help="Threads for onnxruntime (per model) and for PyTorch, >= 1  [default: every core this process may run on]")
+              help="Threads for onnxruntime (per model) and for PyTorch  [default: every core this process may run on]")
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
 @click.option("--eager/--no-eager", default=True, show_default=True,
               help="Also run the APD configurations on the PyTorch-eager loop (needs torch).")

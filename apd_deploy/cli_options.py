@@ -66,12 +66,12 @@ def apd_options(command: Any) -> Any:
     """R, W and M, as generate and eval take them."""
     options = [
         click.option("--apd-mixture-weight", "apd_mixture_weight", type=FiniteFloat(0, 1),
-                     help="R in [0, 1]: the dLLM's weight in the acceptance target; 1 accepts every drafted token  "
+                     help="R: the dLLM's weight in the acceptance target; 1 accepts every drafted token  "
                           "[default: the bundle's, 0.7]"),
         click.option("--kv-window", type=click.IntRange(min=1),
-                     help="W >= 1: committed positions the dLLM recomputes each step  [default: the bundle's, 16]"),
+                     help="W: committed positions the dLLM recomputes each step  [default: the bundle's, 16]"),
         click.option("--max-lookahead", type=click.IntRange(min=1),
-                     help="M >= 1: masked positions drafted and verified per step, at most  [default: the bundle's, 100]"),
+                     help="M: masked positions drafted and verified per step, at most  [default: the bundle's, 100]"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -82,14 +82,14 @@ def sampling_options(command: Any) -> Any:
     """Temperature, top-p, top-k and seed, as generate and eval take them."""
     options = [
         click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
-                     help="Sampling temperature >= 0; 0 takes the most likely token everywhere (no randomness)."),
+                     help="Sampling temperature; 0 takes the most likely token everywhere (no randomness)."),
         click.option("--top-p", type=FiniteFloat(0, 1, min_open=True),
-                     help="At T > 0, sample only among the most likely tokens whose probabilities add up to P, in (0, 1].  "
+                     help="At T > 0, sample only among the most likely tokens whose probabilities add up to P.  "
                           "[default: no limit]"),
         click.option("--top-k", type=click.IntRange(min=1),
-                     help="At T > 0, sample only among the K most likely tokens, K >= 1.  [default: no limit]"),
+                     help="At T > 0, sample only among the K most likely tokens.  [default: no limit]"),
         click.option("--seed", type=click.IntRange(0, SEED_LIMIT - 1),
-                     help="Random seed for T > 0, in [0, 2^63): the same seed gives the same tokens  "
+                     help="Random seed for T > 0: the same seed gives the same tokens  "
                           "[default: a fresh one, printed with the statistics]"),
     ]
     for option in reversed(options):
@@ -99,4 +99,4 @@ def sampling_options(command: Any) -> Any:
 
 def threads_option(command: Any) -> Any:
     return click.option("--threads", type=click.IntRange(min=1),
-                        help="onnxruntime threads per model, >= 1  [default: every core this process may run on]")(command)
+                        help="onnxruntime threads per model  [default: every core this process may run on]")(command)
