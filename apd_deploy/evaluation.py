@@ -7,11 +7,16 @@ import itertools
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from apd_deploy.errors import GenerationError
 from apd_deploy.runtime.params import ALGORITHMS, check_integer
 from apd_deploy.tasks import arithmetic
+
+if TYPE_CHECKING:
+    from apd_deploy.runtime import Runtime
 
 TASKS = {"arithmetic": arithmetic}
 # The demo dLLM was trained on answers of 32 positions (the solution, EOS, EOS padding).
@@ -64,11 +69,11 @@ class EvalPlan:
 
     task: str
     problems: list[Any]
-    prompts: list[Any]
+    prompts: list[np.ndarray]
     runs: list[tuple[AlgSpec, dict[str, Any]]]
 
 
-def plan(runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
+def plan(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
          params: dict[str, Any] | None = None) -> EvalPlan:
     """Check every argument against the runtime before any problem is solved."""
     if task not in TASKS:
@@ -96,16 +101,16 @@ def plan(runtime, task: str = "arithmetic", split: str = "test", n: int = 200, a
     return EvalPlan(task, problems, prompts, runs)
 
 
-def run(runtime, plan: EvalPlan, progress: Callable[[], None] = lambda: None) -> list[AlgResult]:
-    """Solve the plan's problems with each of its algorithms."""
+def run(runtime: Runtime, work: EvalPlan, progress: Callable[[], None] = lambda: None) -> list[AlgResult]:
+    """Solve the planned problems with each planned algorithm."""
     results = []
-    n = len(plan.problems)
-    for spec, params in plan.runs:
+    n = len(work.problems)
+    for spec, params in work.runs:
         correct = tokens = steps = dllm = verifier = 0
         seconds = 0.0
-        for problem, prompt in zip(plan.problems, plan.prompts):
+        for problem, prompt in zip(work.problems, work.prompts):
             out = runtime.generate(prompt, alg=spec.alg, **params)
-            correct += TASKS[plan.task].extract_answer(out.text) == problem.answer
+            correct += TASKS[work.task].extract_answer(out.text) == problem.answer
             tokens, steps, seconds = tokens + len(out.token_ids), steps + out.steps, seconds + out.seconds
             dllm, verifier = dllm + out.dllm_forwards, verifier + out.verifier_forwards
             progress()
@@ -114,8 +119,9 @@ def run(runtime, plan: EvalPlan, progress: Callable[[], None] = lambda: None) ->
     return results
 
 
-def evaluate(runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
+def evaluate(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
              params: dict[str, Any] | None = None, progress: Callable[[], None] = lambda: None) -> list[AlgResult]:
+    """`plan`, then `run`: every argument is checked before the first problem is solved."""
     return run(runtime, plan(runtime, task, split, n, algs, params), progress)
 
 

@@ -11,11 +11,14 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apd_deploy.errors import GenerationError
 from apd_deploy.evaluation import TASK_MAX_NEW_TOKENS, TASKS, parse_algs
 from apd_deploy.runtime.params import GenerationParams, check_integer
+
+if TYPE_CHECKING:
+    from apd_deploy.runtime import Runtime
 
 SWEEPABLE = {"apd_mixture_weight": float, "kv_window": int, "max_lookahead": int}
 
@@ -126,7 +129,7 @@ def check_prompt_source(task: str | None, prompts_file: str | None, random_promp
         check_integer("--random-prompts", random_prompts, 1)
 
 
-def check_benchmark(runtime, algs: str, sweeps: list[str], prompts: list[Prompt], max_new_tokens: int,
+def check_benchmark(runtime: Runtime, algs: str, sweeps: list[str], prompts: list[Prompt], max_new_tokens: int,
                     repeat: int) -> list[Config]:
     """Every configuration, checked against the runtime and the longest prompt before any is timed."""
     check_integer("--repeat", repeat, 1)
