@@ -23,6 +23,9 @@ from apd_deploy.runtime.params import ALGORITHMS, DEFAULT_MAX_NEW_TOKENS
 from apd_deploy.tasks import arithmetic
 
 EXPORT_INSTALL_HINT = "install the export extra: pip install torch==2.13.0 'apd-deploy[export]'"
+# click 8.2+ reports a bare `apd-deploy` as a usage error whose message is the whole help (8.1 just
+# prints the help); it is shown as it is, not as an `error:` line.
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -64,7 +67,7 @@ def main(args: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
         sys.exit(1)
-    except click.exceptions.NoArgsIsHelpError as exc:  # a bare `apd-deploy`: the help is the message
+    except NO_ARGS_IS_HELP as exc:
         click.echo(exc.format_message(), err=True)
         sys.exit(exc.exit_code)
     except click.UsageError as exc:

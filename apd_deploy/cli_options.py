@@ -36,7 +36,7 @@ class TokenIds(click.ParamType):
     name = "ids"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, list):
+        if isinstance(value, list):  # click's contract: converting a converted value returns it
             return value
         items = [item.strip() for item in value.split(",")]
         for position, item in enumerate(items, 1):
