@@ -256,6 +256,12 @@ def test_readme_synopsis_lists_every_flag(name):
     assert [flag for flag in flags if not re.search(re.escape(flag) + r"(?![\w-])", synopsis)] == []
 
 
+def test_verify_help_says_what_remembered_trusts():
+    code, out, _ = run("generate", "-h")
+    text = " ".join(out.split())
+    assert code == 0 and "once per size and modification time, so a change that keeps both goes unnoticed" in text
+
+
 # 14. Threads: every core the process may run on.
 def test_default_threads_is_every_core_the_process_may_use(monkeypatch):
     import os
