@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,9 @@ def _save_memo(memo: dict[str, list]) -> None:
         pass
 
 
-def verify_files(bundle: Path, manifest: dict[str, Any], mode: str = "full") -> None:
-    """Check every file listed in the manifest against its sha256.
+def verify_files(bundle: Path, manifest: dict[str, Any], mode: str = "full", only: Collection[str] | None = None) -> None:
+    """Check every file listed in the manifest against its sha256, or only the files `only` names
+    (the ones a loader is about to read; each must be listed).
 
     'remembered' skips a file whose path, size and modification time match an earlier successful
     check of the same sha256 (multi-GB graphs take seconds to hash); 'skip' checks nothing.
@@ -140,9 +142,15 @@ def verify_files(bundle: Path, manifest: dict[str, Any], mode: str = "full") -> 
         raise ValueError(f"verify mode {mode!r} is not one of {VERIFY_MODES}")
     if mode == "skip":
         return
+    unlisted = sorted(set(only or ()) - set(manifest["files"]))
+    if unlisted:
+        raise BundleError(f"{bundle / unlisted[0]}: not listed in {MANIFEST} 'files', so it cannot be checked; "
+                          "re-export the bundle")
     memo = _load_memo() if mode == "remembered" else {}
     changed = False
     for rel, record in manifest["files"].items():
+        if only is not None and rel not in only:
+            continue
         file = bundle / rel
         try:
             stat = file.stat()

@@ -11,9 +11,21 @@ from typing import Any
 import click
 
 from apd_deploy import __version__
+from apd_deploy.bench.runner import parse_sweeps
+from apd_deploy.bundle import VERIFY_MODES
+from apd_deploy.cli_options import (CONTEXT, TokenIds, apd_options, library_checked, sampling_options,
+                                    threads_option)
+from apd_deploy.engines.build import BACKENDS, DEVICES, PRECISIONS
 from apd_deploy.errors import ApdDeployError
+from apd_deploy.evaluation import DEFAULT_ALGS, TASKS, parse_algs
+from apd_deploy.runtime.diffusion import ORDERS
+from apd_deploy.runtime.params import ALGORITHMS, DEFAULT_MAX_NEW_TOKENS
+from apd_deploy.tasks import arithmetic
 
 EXPORT_INSTALL_HINT = "install the export extra: pip install torch==2.13.0 'apd-deploy[export]'"
+# click 8.2+ reports a bare `apd-deploy` as a usage error whose message is the whole help (8.1 just
+# prints the help); it is shown as it is, not as an `error:` line.
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,19 +53,29 @@ def progress_printer(quiet: bool) -> Callable[[str], None]:
     return lambda message: click.echo(message, err=True)
 
 
-@click.group()
+@click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="apd-deploy")
 def cli() -> None:
     """Deploy Adaptive Parallel Decoding: a diffusion LLM drafts, a small AR model verifies."""
 
 
-def main() -> None:
-    """Console entry point: click's usage errors also become one `error:` line."""
+def main(args: list[str] | None = None) -> None:
+    """Console entry point. A usage error prints the usage line, where to find help and one `error:`
+    line, exit status 2; other click errors print one `error:` line."""
     try:
-        code = cli.main(standalone_mode=False)
+        code = cli.main(args=args, prog_name="apd-deploy", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
         sys.exit(1)
+    except NO_ARGS_IS_HELP as exc:
+        click.echo(exc.format_message(), err=True)
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        if exc.ctx is not None:
+            click.echo(exc.ctx.get_usage(), err=True)
+            click.echo(f"Try '{exc.ctx.command_path} --help' for help.\n", err=True)
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
@@ -142,52 +164,43 @@ def export_command(dllm_dir: str, verifier_dir: str, out: str, dtype: str, opset
 CHUNK_COLOURS = ("cyan", "yellow")
 
 
-def parse_prompt_ids(text: str) -> list[int]:
-    from apd_deploy.errors import GenerationError
-
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise GenerationError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
-
-
-@cli.command("generate")
+@cli.command("generate", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
 @click.option("--prompt", help="Prompt text (needs a bundle with a tokenizer).")
-@click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
-@click.option("--alg", default="apd", show_default=True, help="apd | leftright | diffusion | ar.")
-@click.option("--apd-mixture-weight", "apd_mixture_weight", type=float, help="R in [0, 1]  [default: bundle's, 0.7]")
-@click.option("--kv-window", type=int, help="W >= 1  [default: bundle's, 16]")
-@click.option("--max-lookahead", type=int, help="M >= 1  [default: bundle's, 100]")
-@click.option("--tokens-per-step", type=int, help="K for --alg leftright  [default: 1]")
-@click.option("--steps", type=int, help="Steps for --alg diffusion  [default: --max-new-tokens]")
-@click.option("--diffusion-order", help="confidence | entropy | margin, for --alg diffusion  [default: confidence]")
-@click.option("--temperature", type=float, default=0.0, show_default=True)
-@click.option("--top-p", type=float)
-@click.option("--top-k", type=int)
-@click.option("--seed", type=int, help="Seed for T > 0 (the same seed gives the same tokens).")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--prompt-ids", type=TokenIds(), help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--alg", type=click.Choice(ALGORITHMS), default="apd", show_default=True,
+              help="apd, or a baseline: leftright (the dLLM, K tokens per step), diffusion (Dream's own), ar (the verifier).")
+@apd_options
+@click.option("--tokens-per-step", type=click.IntRange(min=1), help="K: tokens per step for --alg leftright  [default: 1]")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="Steps for --alg diffusion, at most --max-new-tokens  [default: --max-new-tokens]")
+@click.option("--diffusion-order", type=click.Choice(ORDERS),
+              help="Which positions --alg diffusion decides first: the dLLM's surest by this measure  [default: confidence]")
+@sampling_options
+@click.option("--max-new-tokens", type=click.IntRange(min=1),
+              help=f"Tokens to generate at most  [default: {DEFAULT_MAX_NEW_TOKENS}, or fewer if the models' "
+                   "positions leave less room after the prompt]")
+@click.option("--chat", is_flag=True, help="Wrap the --prompt text in the tokenizer's chat template.")
 @click.option("--engine", help="An engine of the bundle (apd-deploy build-engine)  [default: the ONNX graphs on the CPU]")
 @click.option("--array-backend", type=click.Choice(["numpy", "cupy"]),
               help="Where sampling and acceptance run  [default: the engine's: cupy for GPU engines]")
-@click.option("--threads", type=int, help="onnxruntime threads per model  [default: half the cores, at most 4]")
-@click.option("--verify", type=click.Choice(["full", "remembered", "skip"]), default="remembered", show_default=True,
-              help="Check the bundle's files against their sha256 (remembered: once per file version).")
+@threads_option
+@click.option("--verify", type=click.Choice(VERIFY_MODES), default="remembered", show_default=True,
+              help="Check the files the engine reads against their sha256. full: hash them; remembered: hash a file "
+                   "once per size and modification time, so a change that keeps both goes unnoticed; skip: trust them.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @user_errors
-def generate_command(bundle: str, prompt: str | None, prompt_ids: str | None, chat: bool, engine: str | None,
+def generate_command(bundle: str, prompt: str | None, prompt_ids: list[int] | None, chat: bool, engine: str | None,
                      array_backend: str | None, threads: int | None, verify: str, as_json: bool, **params: Any) -> None:
     """Generate from BUNDLE, streaming each step's accepted chunk (coloured in a terminal)."""
-    from apd_deploy.errors import GenerationError
     from apd_deploy.runtime import Runtime
 
     if (prompt is None) == (prompt_ids is None):
-        raise GenerationError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    if threads is not None and threads < 1:
-        raise GenerationError(f"--threads must be at least 1, got {threads}")
+        raise click.UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if chat and prompt is None:
+        raise click.UsageError("--chat wraps a text prompt: give --prompt TEXT, not --prompt-ids")
     runtime = Runtime.load(bundle, engine=engine, threads=threads, verify=verify, array_backend=array_backend)
-    stream = runtime.stream(prompt if prompt is not None else parse_prompt_ids(prompt_ids), chat=chat, **params)
+    stream = runtime.stream(prompt if prompt is not None else prompt_ids, chat=chat, **params)
     if as_json:
         for _ in stream:
             pass
@@ -205,24 +218,27 @@ def generate_command(bundle: str, prompt: str | None, prompt_ids: str | None, ch
         click.echo(result.text[len(shown):], nl=False)  # a held-back partial character, if any
     click.echo()
     mean = len(result.token_ids) / max(result.steps, 1)
+    seed = f", seed {result.seed}" if result.seed is not None else ""
     click.echo(
         f"[{params['alg']}] {len(result.token_ids)} tokens in {result.steps} steps ({mean:.2f} per step), "
         f"dLLM forwards {result.dllm_forwards}, verifier forwards {result.verifier_forwards}, "
-        f"{result.seconds:.3f} s, {result.tokens_per_second:.1f} tokens/s",
+        f"{result.seconds:.3f} s, {result.tokens_per_second:.1f} tokens/s{seed}",
         err=True,
     )
 
 
-@cli.command("build-engine")
+@cli.command("build-engine", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
-@click.option("--backend", required=True, help="tensorrt | onnxruntime")
-@click.option("--device", help="cpu | cuda  [default: cpu for onnxruntime, cuda for tensorrt]")
-@click.option("--precision", help="fp32 | fp16 | bf16  [default: the export's dtype]")
-@click.option("--max-batch", type=int, default=1, show_default=True, help="TensorRT: largest batch.")
-@click.option("--max-seq-len", type=int,
+@click.option("--backend", required=True, type=click.Choice(BACKENDS), help="The engine's runtime library.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]),
+              help="Where it runs (tensorrt: cuda only)  [default: cpu for onnxruntime, cuda for tensorrt]")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="The engine's precision  [default: the export's dtype]")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True, help="TensorRT: largest batch.")
+@click.option("--max-seq-len", type=click.IntRange(min=2),
               help="TensorRT: longest prompt + generation  [default: 4096, at most the models' positions]")
-@click.option("--opt-window", type=int, help="TensorRT: window length to tune for  [default: W + M (dLLM), M (verifier)]")
-@click.option("--max-logit-rows", type=int,
+@click.option("--opt-window", type=click.IntRange(min=1),
+              help="TensorRT: window length to tune for  [default: W + M (dLLM), M (verifier)]")
+@click.option("--max-logit-rows", type=click.IntRange(min=1),
               help="TensorRT: most logit rows per call  [default: M + 1; Dream's diffusion needs one per masked position]")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache to reuse and update.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
@@ -234,6 +250,8 @@ def build_engine_command(bundle: str, backend: str, device: str | None, precisio
     """Build engines for BUNDLE's graphs and record them in its manifest (atomically)."""
     from apd_deploy.engines.build import build_engine
 
+    if device is not None and device not in DEVICES[backend]:
+        raise click.UsageError(f"--device {device}: the {backend} backend runs on {' or '.join(DEVICES[backend])}")
     name, record = build_engine(bundle, backend, device, precision, max_batch, max_seq_len, opt_window, timing_cache,
                                 max_logit_rows, report=progress_printer(quiet or as_json))
     if as_json:
@@ -242,35 +260,32 @@ def build_engine_command(bundle: str, backend: str, device: str | None, precisio
         click.echo(f"engine '{name}' added to {bundle}; use it with: apd-deploy generate {bundle} --engine {name} ...")
 
 
-@cli.command("eval")
+@cli.command("eval", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
-@click.option("--task", default="arithmetic", show_default=True, help="The task whose problems to solve.")
-@click.option("--split", default="test", show_default=True, help="train | validation | test")
-@click.option("--n", "n", type=int, default=200, show_default=True, help="Problems per algorithm.")
-@click.option("--algs", default="apd,leftright:1,leftright:4,leftright:8,diffusion,ar", show_default=True,
+@click.option("--task", type=click.Choice(sorted(TASKS)), default="arithmetic", show_default=True,
+              help="The task whose problems to solve.")
+@click.option("--split", type=click.Choice(list(arithmetic.SPLITS)), default="test", show_default=True,
+              help="Which of the task's problems.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=200, show_default=True, help="Problems per algorithm.")
+@click.option("--algs", default=DEFAULT_ALGS, show_default=True, callback=library_checked(parse_algs),
               help="Comma-separated; leftright:K commits K tokens per step, diffusion:S takes S steps.")
-@click.option("--apd-mixture-weight", "apd_mixture_weight", type=float, help="R  [default: bundle's]")
-@click.option("--kv-window", type=int, help="W  [default: bundle's]")
-@click.option("--max-lookahead", type=int, help="M  [default: bundle's]")
-@click.option("--temperature", type=float, default=0.0, show_default=True)
-@click.option("--top-p", type=float)
-@click.option("--top-k", type=int)
-@click.option("--seed", type=int)
-@click.option("--max-new-tokens", type=int, help="[default: the task's]")
+@apd_options
+@sampling_options
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Tokens per answer at most  [default: the task's]")
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
-@click.option("--threads", type=int)
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per algorithm, one per line.")
 @user_errors
 def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: str | None, threads: int | None,
                  as_json: bool, **params: Any) -> None:
     """Solve task problems with each algorithm; report accuracy, tokens per step, forwards, speed."""
-    from apd_deploy.evaluation import evaluate, format_table, parse_algs
+    from apd_deploy.evaluation import format_table, plan, run
     from apd_deploy.runtime import Runtime
 
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
-    total = n * len(parse_algs(algs))
-    with click.progressbar(length=total, label="solving", file=sys.stderr) as bar:
-        results = evaluate(runtime, task, split, n, algs, params, progress=lambda: bar.update(1))
+    work = plan(runtime, task, split, n, algs, params)
+    with click.progressbar(length=len(work.problems) * len(work.runs), label="solving", file=sys.stderr) as bar:
+        results = run(runtime, work, progress=lambda: bar.update(1))
     if as_json:
         for result in results:
             click.echo(json.dumps(result.to_dict()))
@@ -278,17 +293,22 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
         click.echo(format_table(results))
 
 
-@cli.command("bench")
+@cli.command("bench", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
-@click.option("--algs", default="apd,leftright:1,ar", show_default=True, help="As for eval.")
-@click.option("--sweep", "sweeps", multiple=True, help="APD parameter values, e.g. kv_window=4,16,64 (repeatable).")
-@click.option("--task", help="Prompts from a task's test problems (accuracy is measured).")
-@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="A file of text prompts, one per line.")
-@click.option("--random-prompts", type=int, help="N random 16-token prompts.")
-@click.option("--n", "n", type=int, default=20, show_default=True, help="Problems, with --task.")
-@click.option("--max-new-tokens", type=int, help="[default: the task's, else 256]")
-@click.option("--repeat", type=int, default=3, show_default=True, help="Runs per configuration (median and range).")
-@click.option("--threads", type=int, help="Threads for onnxruntime and for PyTorch.")
+@click.option("--algs", default="apd,leftright:1,ar", show_default=True, callback=library_checked(parse_algs),
+              help="Comma-separated, as for eval: leftright:K commits K tokens per step, diffusion:S takes S steps.")
+@click.option("--sweep", "sweeps", multiple=True, callback=library_checked(lambda values: parse_sweeps(list(values))),
+              help="APD parameter values, e.g. kv_window=4,16,64 (repeatable; apd_mixture_weight, kv_window, max_lookahead).")
+@click.option("--task", type=click.Choice(sorted(TASKS)), help="Prompts from a task's test problems (accuracy is measured).")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
+              help="A file of text prompts, one per line.")
+@click.option("--random-prompts", type=click.IntRange(min=1), help="N random 16-token prompts.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=20, show_default=True, help="Problems, with --task.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Tokens per prompt  [default: the task's, else 256]")
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs per configuration (median and range).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Threads for onnxruntime (per model) and for PyTorch  [default: every core this process may run on]")
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
 @click.option("--eager/--no-eager", default=True, show_default=True,
               help="Also run the APD configurations on the PyTorch-eager loop (needs torch).")
@@ -296,7 +316,8 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
               help="Where the PyTorch-eager loop runs (cuda: the baseline for GPU engines), in the export's dtype.")
 @click.option("--step-profile", is_flag=True,
               help="Also time APD steps at 128 and 1024 generated tokens (full windows) on the first prompt.")
-@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True,
+              help="Directory for results.json, results.csv and the plots.")
 @user_errors
 def bench_command(bundle: str, algs: str, sweeps: tuple[str, ...], task: str | None, prompts_file: str | None,
                   random_prompts: int | None, n: int, max_new_tokens: int | None, repeat: int, threads: int | None,
@@ -305,14 +326,20 @@ def bench_command(bundle: str, algs: str, sweeps: tuple[str, ...], task: str | N
     from pathlib import Path
 
     from apd_deploy.bench.report import format_table, write_results
-    from apd_deploy.bench.runner import benchmark, default_max_new_tokens, load_prompts
+    from apd_deploy.bench.runner import benchmark, check_benchmark, check_prompt_source, default_max_new_tokens, load_prompts
+    from apd_deploy.errors import GenerationError
     from apd_deploy.runtime import Runtime
     from apd_deploy.runtime.engine import default_threads
 
+    try:
+        check_prompt_source(task, prompts_file, random_prompts, n)
+    except GenerationError as exc:
+        raise click.UsageError(str(exc)) from None
     threads = threads or default_threads()
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
     prompts = load_prompts(runtime, task, prompts_file, random_prompts, n)
     max_new_tokens = max_new_tokens or default_max_new_tokens(task)
+    check_benchmark(runtime, algs, list(sweeps), prompts, max_new_tokens, repeat)
     eager_loop = None
     if eager:
         from apd_deploy.bench.eager import EagerAPD

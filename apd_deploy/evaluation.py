@@ -4,17 +4,25 @@ accuracy, tokens per step, forward passes and speed."""
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from apd_deploy.errors import GenerationError
+from apd_deploy.runtime.params import ALGORITHMS, check_integer
 from apd_deploy.tasks import arithmetic
+
+if TYPE_CHECKING:
+    from apd_deploy.runtime import Runtime
 
 TASKS = {"arithmetic": arithmetic}
 # The demo dLLM was trained on answers of 32 positions (the solution, EOS, EOS padding).
 TASK_MAX_NEW_TOKENS = {"arithmetic": 32}
 DEFAULT_ALGS = "apd,leftright:1,leftright:4,leftright:8,diffusion,ar"
+ALG_NUMBER = re.compile(r"[1-9][0-9]*")
 
 
 @dataclass(frozen=True)
@@ -44,22 +52,33 @@ def parse_algs(text: str) -> list[AlgSpec]:
     """'apd,leftright:4,diffusion:16' -> specs; the number is K for leftright, steps for diffusion."""
     specs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, number = item.partition(":")
+        name, colon, number = item.partition(":")
         key = {"leftright": "tokens_per_step", "diffusion": "steps"}.get(name)
-        if number and (key is None or not number.isdigit()):
-            raise GenerationError(f"--algs: '{item}' is not understood; use e.g. apd, leftright:4, diffusion:16, ar")
-        specs.append(AlgSpec(item, name, {key: int(number)} if number else {}))
+        if name not in ALGORITHMS or (colon and (key is None or not ALG_NUMBER.fullmatch(number))):
+            raise GenerationError(f"--algs: '{item}' is not understood; use {', '.join(ALGORITHMS)}, "
+                                  "leftright:K (K >= 1 tokens per step) or diffusion:S (S >= 1 steps), e.g. apd,leftright:4")
+        specs.append(AlgSpec(item, name, {key: int(number)} if colon else {}))
     if not specs:
         raise GenerationError("--algs is empty; name at least one algorithm")
     return specs
 
 
-def evaluate(runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
-             params: dict[str, Any] | None = None, progress: Callable[[], None] = lambda: None) -> list[AlgResult]:
+@dataclass(frozen=True)
+class EvalPlan:
+    """Everything `evaluate` will run, checked: problems, their prompt ids, parameters per algorithm."""
+
+    task: str
+    problems: list[Any]
+    prompts: list[np.ndarray]
+    runs: list[tuple[AlgSpec, dict[str, Any]]]
+
+
+def plan(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
+         params: dict[str, Any] | None = None) -> EvalPlan:
+    """Check every argument against the runtime before any problem is solved."""
     if task not in TASKS:
         raise GenerationError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    if n < 1:
-        raise GenerationError(f"--n must be at least 1, got {n}")
+    check_integer("--n", n, 1)
     if split not in arithmetic.SPLITS:
         raise GenerationError(f"--split must be one of {', '.join(arithmetic.SPLITS)}, got {split!r}")
     if runtime.tokenizer is None:
@@ -69,19 +88,41 @@ def evaluate(runtime, task: str = "arithmetic", split: str = "test", n: int = 20
     problems = list(itertools.islice(TASKS[task].problems(split), n))
     chat = bool(runtime.tokenizer.chat_template)
     prompts = [runtime.prompt_ids(p.question, chat=chat) for p in problems]
-    results = []
+    longest = max(len(p) for p in prompts)
+    runtime.fit(runtime.params(**params), longest)  # the shared options, named as given
+    runs = []
     for spec in specs:
+        chosen = {**params, **spec.params}
+        try:
+            runtime.fit(runtime.params(alg=spec.alg, **chosen), longest)
+        except GenerationError as exc:
+            raise GenerationError(f"--algs '{spec.label}': {exc}") from None
+        runs.append((spec, chosen))
+    return EvalPlan(task, problems, prompts, runs)
+
+
+def run(runtime: Runtime, work: EvalPlan, progress: Callable[[], None] = lambda: None) -> list[AlgResult]:
+    """Solve the planned problems with each planned algorithm."""
+    results = []
+    n = len(work.problems)
+    for spec, params in work.runs:
         correct = tokens = steps = dllm = verifier = 0
         seconds = 0.0
-        for problem, prompt in zip(problems, prompts):
-            out = runtime.generate(prompt, alg=spec.alg, **{**params, **spec.params})
-            correct += TASKS[task].extract_answer(out.text) == problem.answer
+        for problem, prompt in zip(work.problems, work.prompts):
+            out = runtime.generate(prompt, alg=spec.alg, **params)
+            correct += TASKS[work.task].extract_answer(out.text) == problem.answer
             tokens, steps, seconds = tokens + len(out.token_ids), steps + out.steps, seconds + out.seconds
             dllm, verifier = dllm + out.dllm_forwards, verifier + out.verifier_forwards
             progress()
         results.append(AlgResult(spec.label, n, correct, correct / n, tokens / max(steps, 1), dllm / n, verifier / n,
                                  tokens / seconds if seconds else 0.0, round(seconds, 3)))
     return results
+
+
+def evaluate(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
+             params: dict[str, Any] | None = None, progress: Callable[[], None] = lambda: None) -> list[AlgResult]:
+    """`plan`, then `run`: every argument is checked before the first problem is solved."""
+    return run(runtime, plan(runtime, task, split, n, algs, params), progress)
 
 
 def format_table(results: list[AlgResult]) -> str:

@@ -21,6 +21,8 @@ class Step:
 
     committed: int
     tokens: np.ndarray  # on the host
+    # The canvas positions decided, where they are not those of `tokens` (diffusion decides anywhere).
+    positions: np.ndarray | None = None
 
 
 @dataclass

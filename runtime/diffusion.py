@@ -45,8 +45,9 @@ def diffusion(canvas: Canvas, dllm: DecoderEngine, steps: int, order: str) -> De
         t, s = timesteps[i], timesteps[i + 1]
         count = int(len(masked) * (1 - s / t)) if i < steps - 1 else len(masked)
         chosen = xp.argsort(-sure, kind="stable")[:count]
-        x[masked[to_host(chosen)]] = to_host(tokens[chosen])
+        positions = masked[to_host(chosen)]
+        x[positions] = to_host(tokens[chosen])
         start = decided
         while decided < len(x) and x[decided] != canvas.mask_id:
             decided += 1
-        yield Step(count, x[start:decided].copy())
+        yield Step(count, x[start:decided].copy(), positions)

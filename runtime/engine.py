@@ -29,9 +29,12 @@ SPIN_BETWEEN_CALLS = False
 
 
 def default_threads() -> int:
-    """Half the cores, at most 4: these machines are shared, and a second thread that competes
-    with another process slows a step down rather than up."""
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+    """Every core this process may run on (its affinity mask where the OS has one, as taskset and
+    container CPU sets narrow it), as onnxruntime and PyTorch choose by default. The two models
+    run one after the other, so each session gets all of them; on a shared machine pass fewer."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from apd_deploy.bundle import read_manifest
+from apd_deploy.bundle import VERIFY_MODES, read_manifest, verify_files
 from apd_deploy.errors import BundleError, GenerationError
 from apd_deploy.runtime.apd import apd
 from apd_deploy.runtime.autoregressive import autoregressive
@@ -25,7 +25,7 @@ from apd_deploy.runtime.diffusion import diffusion
 from apd_deploy.runtime.arrays import array_module, synchronize
 from apd_deploy.runtime.engine import DecoderEngine, DecoderSpec, OrtCpuDecoder
 from apd_deploy.runtime.leftright import leftright
-from apd_deploy.runtime.params import GenerationParams
+from apd_deploy.runtime.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, check_integer
 from apd_deploy.runtime.sampling import Sampler, SamplingParams
 from apd_deploy.runtime.tokenizer import BundleTokenizer, TextStream
 
@@ -89,20 +89,28 @@ class Runtime:
 
         engine: a name from the manifest's `engines` (see `apd-deploy build-engine`), or None to
           run the exported ONNX graphs with onnxruntime on the CPU.
-        verify: 'full' hashes every file, 'remembered' (default) skips files whose size and
-          modification time match an earlier full check, 'skip' trusts the files.
+        verify: checks the files this engine reads (its graphs and the tokenizer; not the other
+          engines' files) against their sha256 in the manifest. 'full' hashes them; 'remembered'
+          (default) skips a file whose size and modification time match an earlier full check, so a
+          change that keeps both goes unnoticed; 'skip' trusts the files.
+        threads: onnxruntime threads per model; default: every core this process may run on.
         array_backend: 'numpy' or 'cupy' for sampling and acceptance; by default the engine's
           (cupy for GPU engines). cupy over a CPU engine exercises the GPU sampling code.
         engine_options: for onnxruntime engines, `fixed_shapes` (pad calls to a few shapes; on by
           default on CUDA, where it enables `cuda_graph`, also on by default) — to compare the
           GPU levers, or to check the padding on the CPU.
         """
+        if threads is not None:
+            check_integer("threads", threads, 1)
+        if verify not in VERIFY_MODES:
+            raise GenerationError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
         bundle = Path(bundle)
-        manifest = read_manifest(bundle, verify=verify)
+        manifest = read_manifest(bundle, verify="skip")
         specs = {role: DecoderSpec.from_manifest(manifest["models"][role], bundle / "manifest.json", role)
                  for role in ("dllm", "verifier")}
         _check_pair(bundle, manifest, specs)
         record = _engine_record(bundle, manifest, engine)
+        verify_files(bundle, manifest, verify, only=_files_read(bundle, manifest, record))
         engines = {role: _open_engine(bundle, manifest, engine, record, role, specs[role], threads, array_backend,
                                       engine_options or {})
                    for role in specs}
@@ -120,6 +128,25 @@ class Runtime:
             raise GenerationError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
         params = replace(self.defaults, sampling=sampling, **chosen)
         params.check()
+        return params
+
+    def fit(self, params: GenerationParams, prompt_len: int) -> GenerationParams:
+        """`params` with max_new_tokens settled for a prompt of `prompt_len` tokens: by default
+        DEFAULT_MAX_NEW_TOKENS or what the models' positions leave after the prompt, if less."""
+        room = self.max_positions - prompt_len
+        if room < 1:
+            raise GenerationError(
+                f"the prompt alone is too long: its {prompt_len} tokens leave no room for new tokens in the "
+                f"models' {self.max_positions} positions; shorten it to at most {self.max_positions - 1} tokens"
+            )
+        if params.max_new_tokens is None:
+            params = replace(params, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, room))
+            params.check()  # --steps against the settled number of new tokens
+        elif params.max_new_tokens > room:
+            raise GenerationError(
+                f"prompt of {prompt_len} tokens + --max-new-tokens {params.max_new_tokens} exceeds the models' "
+                f"{self.max_positions} positions; use --max-new-tokens {room} or less"
+            )
         return params
 
     def prompt_ids(self, prompt: str | Sequence[int], chat: bool = False) -> np.ndarray:
@@ -150,14 +177,8 @@ class Runtime:
         return self._start(prompt, chat, params, chunk_text=True)
 
     def _start(self, prompt: str | Sequence[int], chat: bool, params: dict[str, Any], chunk_text: bool) -> Generation:
-        p = self.params(**params)
         ids = self.prompt_ids(prompt, chat)
-        if len(ids) + p.max_new_tokens > self.max_positions:
-            raise GenerationError(
-                f"prompt of {len(ids)} tokens + --max-new-tokens {p.max_new_tokens} exceeds the models' "
-                f"{self.max_positions} positions; use --max-new-tokens {max(self.max_positions - len(ids), 0)} or less"
-                + (" (the prompt alone is too long)" if len(ids) >= self.max_positions else "")
-            )
+        p = self.fit(self.params(**params), len(ids))
         sampler = Sampler(p.sampling, self.vocab_size, self.xp)
         canvas = Canvas.start(ids, p.max_new_tokens, self.mask_id, self.vocab_size, sampler)
         if self.time_engine_calls:
@@ -178,19 +199,24 @@ class Runtime:
     def _run(self, decoder: Decoder, canvas: Canvas, generation: Generation, chunk_text: bool) -> Iterator[Chunk]:
         started = time.perf_counter()
         generated: list[int] = []
-        accepted: list[int] = []
+        decided: list[np.ndarray] = []  # the canvas positions each step decided
         pieces = TextStream(self.tokenizer) if chunk_text and self.tokenizer is not None else None
         for step in decoder:
+            start = canvas.prompt_len + len(generated)
+            decided.append(step.positions if step.positions is not None else np.arange(start, start + step.committed))
             tokens = step.tokens.tolist()
             eos_at = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
             if eos_at is not None:
                 tokens = tokens[: eos_at + 1]
-            accepted.append(step.committed - (len(step.tokens) - len(tokens)))
             generated += tokens
             yield Chunk(tokens, pieces.push(tokens) if pieces is not None and tokens else None)
             if eos_at is not None:
                 break
         seconds = time.perf_counter() - started
+        # Positions past the first EOS are not returned, so a step is credited only with those
+        # before it (diffusion may have decided them many steps before the EOS appeared).
+        end = canvas.prompt_len + len(generated)
+        accepted = [int((positions < end).sum()) for positions in decided]
         generation.result = GenerationResult(
             token_ids=generated,
             text=self.tokenizer.decode(generated) if self.tokenizer is not None else None,
@@ -214,6 +240,19 @@ def _engine_record(bundle: Path, manifest: dict[str, Any], engine: str | None) -
         available = ", ".join(engines) or "none; build one with apd-deploy build-engine"
         raise BundleError(f"{bundle}: no engine named '{engine}' in manifest.json 'engines' (available: {available})")
     return engines[engine]
+
+
+def _files_read(bundle: Path, manifest: dict[str, Any], record: dict[str, Any] | None) -> list[str]:
+    """The bundle files that loading with `record` (None: the exported graphs) reads: the two graphs,
+    their external weights, the tokenizer. Other engines' files are not read, so not hashed."""
+    graphs = record["graphs"].values() if record else [manifest["models"][role]["graph"] for role in ("dllm", "verifier")]
+    files = []
+    for graph in graphs:
+        files.append(graph)
+        if (bundle / f"{graph}.data").exists():  # onnxruntime reads it beside the graph, listed or not
+            files.append(f"{graph}.data")
+    tokenizer = manifest["tokenizer"]
+    return files + (tokenizer["files"] if tokenizer else [])
 
 
 def _open_engine(bundle: Path, manifest: dict[str, Any], name: str | None, record: dict[str, Any] | None, role: str,

@@ -65,7 +65,7 @@ def test_bench_with_a_task_measures_accuracy_and_plots_the_pareto_frontier(tiny_
 
 def test_bench_needs_exactly_one_prompt_source(tiny_bundle, tmp_path):
     result = subprocess.run([CLI, "bench", str(tiny_bundle), "--out", str(tmp_path)], capture_output=True, text=True)
-    assert result.returncode == 1 and "give exactly one of --task" in result.stderr
+    assert result.returncode == 2 and "give exactly one of --task" in result.stderr
 
 
 def test_step_profile_times_full_window_steps(tiny_bundle):

@@ -11,10 +11,14 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apd_deploy.errors import GenerationError
 from apd_deploy.evaluation import TASK_MAX_NEW_TOKENS, TASKS, parse_algs
+from apd_deploy.runtime.params import GenerationParams, check_integer
+
+if TYPE_CHECKING:
+    from apd_deploy.runtime import Runtime
 
 SWEEPABLE = {"apd_mixture_weight": float, "kv_window": int, "max_lookahead": int}
 
@@ -72,6 +76,11 @@ def parse_sweeps(sweeps: list[str]) -> dict[str, list]:
             grid[key] = [SWEEPABLE[key](v) for v in values.split(",")]
         except ValueError:
             raise GenerationError(f"--sweep '{sweep}': values must be {SWEEPABLE[key].__name__}s") from None
+        for value in grid[key]:
+            try:
+                GenerationParams(**{key: value}).check()
+            except GenerationError as exc:
+                raise GenerationError(f"--sweep '{sweep}': {exc}") from None
     return grid
 
 
@@ -92,11 +101,8 @@ def configs(algs: str, grid: dict[str, list]) -> list[Config]:
 def load_prompts(runtime, task: str | None, prompts_file: str | None, random_prompts: int | None,
                  n: int, seed: int = 0) -> list[Prompt]:
     """Exactly one source: a task's test problems, a file (one text prompt per line), or random ids."""
-    if sum(x is not None for x in (task, prompts_file, random_prompts)) != 1:
-        raise GenerationError("give exactly one of --task, --prompts FILE or --random-prompts N")
+    check_prompt_source(task, prompts_file, random_prompts, n)
     if task is not None:
-        if task not in TASKS:
-            raise GenerationError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
         chat = bool(runtime.tokenizer and runtime.tokenizer.chat_template)
         problems = itertools.islice(TASKS[task].problems("test"), n)
         return [Prompt(runtime.prompt_ids(p.question, chat=chat).tolist(), p.answer) for p in problems]
@@ -105,13 +111,36 @@ def load_prompts(runtime, task: str | None, prompts_file: str | None, random_pro
         if not lines:
             raise GenerationError(f"{prompts_file}: no prompts (one per line)")
         return [Prompt(runtime.prompt_ids(line).tolist()) for line in lines]
-    if random_prompts < 1:
-        raise GenerationError(f"--random-prompts must be at least 1, got {random_prompts}")
     rng = random.Random(seed)
     vocab = runtime.vocab_size
     excluded = runtime.eos_ids | {runtime.mask_id}
     return [Prompt([t for t in (rng.randrange(vocab) for _ in range(64)) if t not in excluded][:16])
             for _ in range(random_prompts)]
+
+
+def check_prompt_source(task: str | None, prompts_file: str | None, random_prompts: int | None, n: int) -> None:
+    """The prompt options, before anything is loaded."""
+    if sum(x is not None for x in (task, prompts_file, random_prompts)) != 1:
+        raise GenerationError("give exactly one of --task, --prompts FILE or --random-prompts N")
+    if task is not None and task not in TASKS:
+        raise GenerationError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    check_integer("--n", n, 1)
+    if random_prompts is not None:
+        check_integer("--random-prompts", random_prompts, 1)
+
+
+def check_benchmark(runtime: Runtime, algs: str, sweeps: list[str], prompts: list[Prompt], max_new_tokens: int,
+                    repeat: int) -> list[Config]:
+    """Every configuration, checked against the runtime and the longest prompt before any is timed."""
+    check_integer("--repeat", repeat, 1)
+    chosen = configs(algs, parse_sweeps(sweeps))
+    longest = max(len(p.ids) for p in prompts)
+    for config in chosen:
+        try:
+            runtime.fit(runtime.params(alg=config.alg, max_new_tokens=max_new_tokens, **config.params), longest)
+        except GenerationError as exc:
+            raise GenerationError(f"{config.label}: {exc}") from None
+    return chosen
 
 
 def run_config(runtime, config: Config, prompts: list[Prompt], max_new_tokens: int, repeat: int,
@@ -178,9 +207,7 @@ def benchmark(runtime, algs: str, sweeps: list[str], prompts: list[Prompt], max_
               task: str | None, eager=None, progress_total: Callable[[int], None] = lambda _: None,
               progress: Callable[[], None] = lambda: None) -> list[ConfigResult]:
     """Every configuration on the runtime; with `eager`, the APD ones on the PyTorch loop too."""
-    if repeat < 1:
-        raise GenerationError(f"--repeat must be at least 1, got {repeat}")
-    chosen = configs(algs, parse_sweeps(sweeps))
+    chosen = check_benchmark(runtime, algs, sweeps, prompts, max_new_tokens, repeat)
     with_eager = [c for c in chosen if c.alg == "apd"] if eager is not None else []
     breakdown_pass = runtime.xp.__name__ != "numpy"  # see run_config
     progress_total(len(prompts) * ((repeat + breakdown_pass) * len(chosen) + repeat * len(with_eager)))
