@@ -111,7 +111,9 @@ def test_verifier_graph_is_causal_and_dllm_is_not(tiny_bundle):
 
 
 def test_dream_format_directory_exports(tmp_path):
-    dllm = checkpoint_from_config(tmp_path / "dream", fixture_config("dream-config.json"), seed=1)
+    # Two of the example's four layers: the format is what is tested, and tracing time grows with depth.
+    dream = fixture_config("dream-config.json") | {"num_hidden_layers": 2}
+    dllm = checkpoint_from_config(tmp_path / "dream", dream, seed=1)
     verifier = checkpoint_from_config(tmp_path / "qwen2", fixture_config("qwen2-verifier-config.json"), seed=2)
     manifest = export_bundle(dllm, verifier, tmp_path / "bundle")
     assert manifest["tokenizer"] is None
