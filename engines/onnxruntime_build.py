@@ -3,6 +3,7 @@ runtime loads it without optimising again."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,24 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # EXTENDED applies the transformer fusions (RMSNorm, attention pieces) yet stays free of the
 # machine-specific layouts that ORT_ENABLE_ALL may bake in.
 BUILD_LEVEL = "ORT_ENABLE_EXTENDED"
+# onnxruntime's CPU provider has no fp16 matrix kernels: optimising an fp16 graph for it wraps
+# those nodes in Casts to fp32, including Casts of the weights, inserted after constant folding
+# has run. Saved like that and loaded with optimisation off, every call would convert the weights
+# again (3x slower than the plain graphs). A second pass folds them into fp32 weights, once.
+FOLD_LEVEL = "ORT_ENABLE_BASIC"
+
+
+def _optimise(ort: Any, source: Path, target: Path, provider: str, level: str) -> None:
+    """Optimise `source` at `level` for `provider` and save it as `target` (weights of large
+    graphs in `<target>.data`, as the exported graph had them)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3
+    if source.with_name(source.name + ".data").exists():  # large graphs keep weights outside
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{target.name}.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(source), options, providers=[provider])
 
 
 def build_onnxruntime(bundle: Path, manifest: dict[str, Any], device: str, precision: str, out: Path) -> dict[str, Any]:
@@ -29,17 +48,16 @@ def build_onnxruntime(bundle: Path, manifest: dict[str, Any], device: str, preci
     if device == "cuda":
         require_ort_cuda()
     provider = PROVIDERS[device]
+    fold_weights = device == "cpu" and precision != "fp32"
+    passes = [BUILD_LEVEL, FOLD_LEVEL] if fold_weights else [BUILD_LEVEL]
     graphs = {}
     for role in ("dllm", "verifier"):
         source = bundle / manifest["models"][role]["graph"]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, BUILD_LEVEL)
-        options.optimized_model_filepath = str(out / f"{role}.onnx")
-        options.log_severity_level = 3
-        if source.with_name(source.name + ".data").exists():  # large graphs keep weights outside
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{role}.onnx.data")
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(source), options, providers=[provider])
+        with tempfile.TemporaryDirectory(prefix=f".{role}-", dir=out) as scratch:
+            for number, level in enumerate(passes, 1):
+                target = out / f"{role}.onnx" if number == len(passes) else Path(scratch) / f"{number}-{role}.onnx"
+                _optimise(ort, source, target, provider, level)
+                source = target
         graphs[role] = f"{role}.onnx"
     return {
         "backend": "onnxruntime",
@@ -48,5 +66,5 @@ def build_onnxruntime(bundle: Path, manifest: dict[str, Any], device: str, preci
         "array_backend": "cupy" if device == "cuda" else "numpy",
         "graphs": graphs,
         "session_options": {"graph_optimization_level": "ORT_DISABLE_ALL"},
-        "built_with": {"onnxruntime": ort.__version__, "execution_provider": provider, "optimization": BUILD_LEVEL},
+        "built_with": {"onnxruntime": ort.__version__, "execution_provider": provider, "optimization": "+".join(passes)},
     }

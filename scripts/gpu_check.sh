@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-if ! "$PYTHON" -c "import apd_deploy.runtime" 2>/dev/null; then
+# Checked without the current directory on sys.path, as gpu_check.py will import it: from here the
+# source folder apd_deploy/ would import, but the script's own path starts at scripts/.
+if ! "$PYTHON" -c "import sys; sys.path.pop(0); import apd_deploy.runtime" 2>/dev/null; then
   # Offline machines: install this checkout without fetching anything.
   "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .
 fi

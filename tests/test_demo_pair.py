@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,8 @@ from apd_deploy.export.pipeline import export_bundle
 from apd_deploy.runtime import Runtime
 from apd_deploy.tasks.arithmetic import SPLITS, extract_answer, problems
 
-MODELS = Path(__file__).parents[1] / "models" / "arithmetic"
+REPO = Path(__file__).parents[1]
+MODELS = REPO / "models" / "arithmetic"
 CLI = str(Path(sys.executable).with_name("apd-deploy"))
 
 
@@ -94,3 +97,37 @@ def test_issue_targets_on_200_test_problems(demo_runtime):
     assert results["apd"].dllm_forwards_per_problem * 3 <= one.dllm_forwards_per_problem
     # The README's figures: 97.0% (leftright:1), 98.0% (apd), 94.5% (leftright:4), 92.5% (leftright:8).
     assert results["leftright:4"].accuracy < one.accuracy and results["leftright:8"].accuracy < results["leftright:4"].accuracy
+
+
+def _stamp(action, bundle, *sources):
+    return subprocess.run([sys.executable, "scripts/bundle_stamp.py", action, str(bundle), *map(str, sources)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_bundle_stamp_says_when_the_demo_must_export_again(tiny_bundle, tiny_pair, tmp_path):
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    sources = shutil.copytree(tiny_pair / "verifier", tmp_path / "sources"), REPO / "export"
+    never = _stamp("check", bundle, *sources)
+    assert never.returncode == 1 and "no bundle.stamp" in never.stderr
+    assert _stamp("write", bundle, *sources).returncode == 0
+    assert _stamp("check", bundle, *sources).returncode == 0
+    config = sources[0] / "config.json"
+    config.write_text(config.read_text() + "\n")
+    changed = _stamp("check", bundle, *sources)
+    assert changed.returncode == 1 and f"{config.as_posix()} changed" in changed.stderr
+    assert _stamp("write", bundle, *sources).returncode == 0
+    with open(bundle / "dllm.onnx", "r+b") as f:  # damage after the stamp is caught too
+        f.seek(64)
+        f.write(b"\x00\x01")
+    damaged = _stamp("check", bundle, *sources)
+    assert damaged.returncode == 1 and "dllm.onnx: sha256 differs" in damaged.stderr
+
+
+@pytest.mark.slow
+def test_demo_script_exports_once_then_reuses_the_bundle(tmp_path):
+    env = {**os.environ, "BUNDLE": str(tmp_path / "bundle"), "N": "2"}
+    runs = [subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), runs[-1].stderr
+    assert "reusing" not in runs[0].stdout and "The answer is" in runs[0].stdout
+    assert f"reusing {tmp_path / 'bundle'}" in runs[1].stdout and "The answer is" in runs[1].stdout

@@ -90,6 +90,25 @@ def test_engine_generates_the_same_tokens_as_the_graphs(engine_bundle, alg, para
                 == graphs.generate(prompt, alg=alg, max_new_tokens=120, **params).token_ids)
 
 
+def test_fp16_cpu_engine_converts_the_weights_once(tiny_fp16_bundle, tmp_path):
+    """onnxruntime's CPU provider has no fp16 matrix kernels; the engine must hold the weights it
+    runs with (fp32), not Casts that convert the fp16 weights again on every call."""
+    import onnx
+
+    bundle = shutil.copytree(tiny_fp16_bundle, tmp_path / "b")
+    name, record = build_engine(bundle, "onnxruntime", "cpu")
+    assert name == "onnxruntime-cpu-fp16" and record["session_options"] == {"graph_optimization_level": "ORT_DISABLE_ALL"}
+    for path in record["graphs"].values():
+        graph = onnx.load(str(bundle / path)).graph
+        weights = {t.name for t in graph.initializer}
+        assert any(n.op_type == "Cast" for n in graph.node)  # the activations still cross to fp32 and back
+        assert [n.name for n in graph.node if n.op_type == "Cast" and n.input[0] in weights] == []
+    graphs = Runtime.load(bundle)
+    engine = Runtime.load(bundle, engine=name)
+    for alg in ("apd", "ar"):
+        assert engine.generate(PROMPT, alg=alg, max_new_tokens=60).token_ids == graphs.generate(PROMPT, alg=alg, max_new_tokens=60).token_ids
+
+
 def test_rebuild_replaces_the_engine(bundle):
     build_engine(bundle, "onnxruntime")
     first = read_manifest(bundle)
