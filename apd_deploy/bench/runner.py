@@ -227,7 +227,8 @@ def step_profile(runtime, prompt: Prompt, positions: tuple[int, ...], params: di
 
     One generation per position, long enough that every timed step still has its full lookahead
     window. Each is brought to its position untimed; then they take steps in turn, so a change in
-    the machine's load during the profile hits every position alike."""
+    the machine's load during the profile hits every position alike. Where one step commits more
+    than the whole span (models that agree on long runs), that step is the position's sample."""
     import time
 
     lookahead = params.get("max_lookahead", runtime.defaults.max_lookahead)
@@ -240,15 +241,21 @@ def step_profile(runtime, prompt: Prompt, positions: tuple[int, ...], params: di
         streams = {p: iter(runtime.stream(prompt.ids, alg="apd", max_new_tokens=p + span + lookahead, **params))
                    for p in positions}
         generated = dict.fromkeys(positions, 0)
-        for p, stream in streams.items():
-            while generated[p] < p - span:
-                generated[p] += len(next(stream).token_ids)
         times: dict[int, list[float]] = {p: [] for p in positions}
+
+        def step(p: int) -> float:
+            started = time.perf_counter()
+            generated[p] += len(next(streams[p]).token_ids)
+            return 1000 * (time.perf_counter() - started)
+
+        for p in positions:
+            while generated[p] < p - span:
+                last = step(p)
+            if generated[p] > p + span:  # one step leapt over the whole span: it is the sample
+                times[p].append(last)
         while active := [p for p in positions if generated[p] <= p + span]:
             for p in active:
-                started = time.perf_counter()
-                generated[p] += len(next(streams[p]).token_ids)
-                times[p].append(1000 * (time.perf_counter() - started))
+                times[p].append(step(p))
     finally:
         runtime.eos_ids = saved
     return {p: statistics.median(times[p]) for p in positions}
