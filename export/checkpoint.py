@@ -80,9 +80,41 @@ def _weight_files(directory: Path, allow_pickle: bool) -> tuple[list[Path], bool
     return files, pickled
 
 
+# safetensors dtype names -> torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file in `dtype`, read one tensor at a time with plain reads.
+
+    Neither the file (memory-mapped by the safetensors library, so its pages count towards the
+    process's memory while it is open: a 4 GB shard is 4 GB more at the peak) nor the checkpoint's
+    own copy (bf16 on disk, say) is ever held beside the converted model: at most one tensor is."""
+    tensors = {}
+    with open(path, "rb") as f:
+        header_bytes = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_bytes))
+        start = 8 + header_bytes
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            raw = bytearray(end - begin)
+            f.seek(start + begin)
+            if f.readinto(raw) != len(raw):
+                raise ValueError(f"tensor '{name}' runs past the end of the file")
+            stored = SAFETENSORS_DTYPES[entry["dtype"]]
+            tensor = torch.frombuffer(raw, dtype=stored) if raw else torch.empty(0, dtype=stored)
+            tensors[name] = tensor.reshape(entry["shape"]).to(dtype)
+            del raw, tensor
+    return tensors
+
+
 def _read_tensors(files: list[Path], pickled: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors of `files` in `dtype`. safetensors are converted one tensor at a time, so the
-    checkpoint's own copy (bf16 on disk, say) never exists beside the whole converted model."""
+    """All tensors of `files` in `dtype`."""
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -90,11 +122,7 @@ def _read_tensors(files: list[Path], pickled: bool, dtype: torch.dtype) -> dict[
                 loaded = torch.load(f, map_location="cpu", weights_only=True)
                 tensors.update((name, loaded.pop(name).to(dtype)) for name in list(loaded))
             else:
-                from safetensors import safe_open
-
-                with safe_open(f, framework="pt") as opened:
-                    for name in opened.keys():
-                        tensors[name] = opened.get_tensor(name).to(dtype)
+                tensors.update(_read_safetensors(f, dtype))
         except Exception as exc:  # the libraries raise many types for a damaged file
             raise CheckpointError(f"{f}: cannot read weights ({type(exc).__name__}: {exc}); re-download or re-save it") from None
     return tensors
