@@ -338,3 +338,19 @@ def test_export_peak_memory_is_one_model_plus_a_constant(tmp_path):
     baseline = _peak_in_child("tiny", tmp_path / "tiny")  # the libraries and the exporter, with no weights to speak of
     peak = _peak_in_child("small", tmp_path / "small")
     assert peak <= 1.3 * larger + baseline, (peak, larger, baseline)
+
+
+def test_chunked_checkpoint_reader_matches_safetensors(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from apd_deploy.export import checkpoint
+
+    monkeypatch.setattr(checkpoint, "READ_CHUNK_BYTES", 7)  # many chunks, the last ones partial
+    tensors = {"w": torch.randn(3, 5, dtype=torch.bfloat16), "h": torch.randn(7, dtype=torch.float16),
+               "f": torch.randn(2, 2), "empty": torch.zeros(0, 4), "ids": torch.arange(5)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    for dtype in (torch.float32, torch.bfloat16):
+        read = checkpoint._read_safetensors(tmp_path / "x.safetensors", dtype)
+        expected = load_file(str(tmp_path / "x.safetensors"))
+        assert read.keys() == expected.keys()
+        assert all(torch.equal(read[k], expected[k].to(dtype)) and read[k].dtype == dtype for k in read)
