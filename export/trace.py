@@ -70,9 +70,13 @@ def release_weights(model: torch.nn.Module) -> None:
     """Free the memory of `model`'s weights once it has been traced; the module is unusable after.
 
     Deleting the model is not enough: onnxscript's rewriter rules keep a reference to the last
-    graph they matched (onnxscript 0.7), whose initializers wrap the parameters themselves, so the
-    weights would outlive the export and sit beside onnxruntime's copy during the check. Emptying
-    each parameter in place frees the storage whoever still holds the parameter."""
+    graph they matched (onnxscript 0.7), whose initializers hold the parameters or views of them,
+    so the weights would outlive the export and sit beside onnxruntime's copy during the check.
+    Shrinking each storage to nothing frees the memory whoever still holds a view of it; storages
+    the exporter made non-resizable are at least dropped by the module."""
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
+            storage = tensor.untyped_storage()
+            if storage.resizable():
+                storage.resize_(0)
             tensor.data = torch.empty(0, dtype=tensor.dtype)
