@@ -104,7 +104,7 @@ def interruptible(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--preset", type=click.Choice(["tiny", "30m", "600m"]), default="tiny", show_default=True,
               help="tiny: for tests; 30m: a 30M-parameter dLLM and a 3M verifier, for CPU benchmarks; "
-                   "600m: Qwen2.5-0.5B's widths with Dream's vocabulary (0.63B) and a 0.2B verifier, for GPUs.")
+                   "600m: Qwen2.5-0.5B's widths with Dream's vocabulary (0.63B) and a 0.11B verifier, for GPUs.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is a pair make-tiny wrote.")
 @interruptible

@@ -27,7 +27,7 @@ from apd_deploy.export import parity
 from apd_deploy.export.carry_engines import carry_engines
 from apd_deploy.export.checkpoint import CheckpointFiles, inspect_checkpoint, load_checkpoint
 from apd_deploy.export.graph_io import graph_io
-from apd_deploy.export.trace import trace_to_onnx
+from apd_deploy.export.trace import release_weights, trace_to_onnx
 from apd_deploy.staging import check_destination, staged_directory
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -100,27 +100,28 @@ def _export_model(role: str, source: CheckpointFiles, graph: Path, dtype: str, o
                   tolerance: float | None, report: Report) -> dict[str, Any]:
     """Load, trace and check one model, holding one copy of its weights at a time; returns the check.
 
-    The reference logits are computed before onnxruntime loads the graph, and the PyTorch model
-    is freed in between. The dLLM is checked against the project's model; the verifier against
-    transformers' own implementation, which loads its own copy once the project's is gone."""
+    The reference logits are computed first and the PyTorch weights freed before onnxruntime
+    loads the graph. The dLLM is checked against the project's model; the verifier against
+    transformers' own implementation, loaded (and freed) before the project's model."""
+    steps, tokens = _steps_and_tokens(source.config)
+    if source.config.causal:
+        with _stage(report, f"computing {role} reference logits with transformers"):
+            reference_name = "transformers"
+            hf_model = parity.load_transformers_reference(source.path, DTYPES[dtype])
+            expected = parity.reference_logits(parity.full_prefix_stepper(hf_model), tokens, steps)
+            del hf_model
+            gc.collect()
     with _stage(report, f"loading {role} from {source.path}"):
         model = load_checkpoint(source.path, role, DTYPES[dtype], allow_pickle).model
+    if not source.config.causal:
+        with _stage(report, f"computing {role} reference logits"):
+            reference_name = "apd_deploy.export.transformer"
+            expected = parity.reference_logits(parity.torch_stepper(model), tokens, steps)
     with _stage(report, f"tracing {role} to ONNX (opset {opset}, {dtype})"):
         trace_to_onnx(model, graph, opset)
+    release_weights(model)
+    del model
     with _stage(report, f"checking {role} graph against PyTorch"):
-        steps, tokens = _steps_and_tokens(source.config)
-        if source.config.causal:
-            del model
-            gc.collect()  # the exporter's graph holds reference cycles back to the parameters
-            reference_name = "transformers"
-            reference = parity.full_prefix_stepper(parity.load_transformers_reference(source.path, DTYPES[dtype]))
-        else:
-            reference_name = "apd_deploy.export.transformer"
-            reference = parity.torch_stepper(model)
-            del model
-        expected = parity.reference_logits(reference, tokens, steps)
-        del reference
-        gc.collect()
         return _check_graph(source, graph, dtype, expected, reference_name, tolerance)
 
 

@@ -5,11 +5,14 @@ a verifier with tied embeddings, and a dLLM vocabulary larger than the verifier'
 152064 rows, Qwen2.5 151936). The `30m` preset has realistic proportions for CPU benchmarks, the
 `600m` preset real widths for GPU benchmarks.
 
-Weights are drawn with std 0.02, the initialiser real Qwen2 checkpoints start from, and the final
-norm's gain is set so that the logits have std 3: a trained model's scale (a largest |logit| of
-ten or so, not thousands). Larger weights (std 0.3) made the 30m pair's logits reach thousands
-and its fp16 graph fail its own check; std 0.02 alone leaves logits near +-0.5, so flat that the
-verifier barely moves APD's mixture.
+Weights are drawn so that a random model behaves like a model, at a trained model's scale:
+projection matrices with std 1/sqrt(fan_in) (each layer keeps its input's scale, so attention is
+not uniform and predictions vary from position to position), embeddings and biases with std 0.02
+as real initialisers draw them, and a final norm gain that gives the logits std 3 (a largest
+|logit| of 10-20). Earlier presets drew everything with std 0.3: the 30m pair's activations grew
+layer after layer to logits in the thousands, and its fp16 graph failed its own check. All
+weights at std 0.02 instead leave attention uniform and the dLLM predicting one token at every
+masked position.
 
 The pair's directory holds `make-tiny.json`, the list of what was written: `--overwrite`
 replaces a pair that has one, and nothing else.
@@ -130,18 +133,22 @@ def weight_shapes(dims: Dims, tied: bool) -> dict[str, tuple[int, ...]]:
 
 
 def random_weights(dims: Dims, tied: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random weights for `weight_shapes`: normal with std INIT_STD, layer norms at one, and the
-    final norm's gain giving logits of std LOGITS_STD (each logit sums hidden_size products of a
-    unit-scale activation and a weight of std INIT_STD)."""
+    """Random weights for `weight_shapes`. Each projection matrix is drawn with std 1/sqrt(fan_in),
+    so that it keeps its input's scale; embeddings and biases with std INIT_STD, as real
+    initialisers draw them; layer norms at one; the final norm's gain makes the logits' std
+    LOGITS_STD."""
+    h = dims.hidden_size
     weights = {}
     for name, shape in weight_shapes(dims, tied).items():
         if name == "model.norm.weight":
-            weights[name] = np.full(shape, LOGITS_STD / (INIT_STD * dims.hidden_size ** 0.5), np.float32)
+            head_std = INIT_STD if tied else h ** -0.5  # tied: the head is the embedding
+            weights[name] = np.full(shape, LOGITS_STD / (head_std * h ** 0.5), np.float32)
         elif name.endswith("norm.weight"):
             weights[name] = np.ones(shape, np.float32)
         else:
+            std = INIT_STD if name == "model.embed_tokens.weight" or len(shape) == 1 else shape[1] ** -0.5
             weights[name] = rng.standard_normal(shape, dtype=np.float32)  # float32 throughout: 600m draws 0.63B values
-            weights[name] *= INIT_STD
+            weights[name] *= std
     return weights
 
 

@@ -10,9 +10,12 @@ import torch
 from apd_deploy.export.graph_io import DYNAMIC_AXES, graph_io
 from apd_deploy.export.transformer import DecoderLM
 
-# A protobuf message cannot exceed 2 GB, and the graph itself (nodes, shapes, names) needs room
-# beside the weights: past 1.8 GB of weights they go to an external data file.
-EXTERNAL_DATA_BYTES = 1_800_000_000
+# Past 256 MiB of weights a graph keeps them in an external data file, `<graph>.onnx.data`.
+# Required past 2 GB (a protobuf cannot be larger); chosen well below for memory: onnxruntime maps
+# an external data file instead of parsing a copy of every weight, and writing a self-contained
+# graph holds two more copies of its weights (the message, then its bytes). At this size the
+# export's peak stays about one copy of the larger model.
+EXTERNAL_DATA_BYTES = 1 << 28
 
 
 def example_inputs(model: DecoderLM, batch: int = 2, seq_len: int = 5, past_len: int = 3) -> tuple[torch.Tensor, ...]:
@@ -37,7 +40,7 @@ def parameter_bytes(model: DecoderLM) -> int:
 
 
 def trace_to_onnx(model: DecoderLM, out_path: Path, opset: int) -> None:
-    """Write `model` to `out_path` (plus `out_path.data` for graphs over 2 GB)."""
+    """Write `model` to `out_path` (plus `out_path.data` past EXTERNAL_DATA_BYTES of weights)."""
     io = graph_io(model.config, kv_dtype="unused")
     dims = {name: torch.export.Dim(name, min=0) for name in DYNAMIC_AXES}
     dims["batch"] = torch.export.Dim("batch", min=1)
@@ -60,70 +63,20 @@ def trace_to_onnx(model: DecoderLM, out_path: Path, opset: int) -> None:
             optimize=True,
             verbose=False,
         )
-    # Saved with external data first: serialising a whole protobuf would hold two more copies of
-    # the weights in memory (the message, then its bytes).
-    if parameter_bytes(model) > EXTERNAL_DATA_BYTES:
-        program.save(str(out_path), external_data=True)
-        return
-    staged = out_path.with_name(f".{out_path.name}.external")
-    try:
-        program.save(str(staged), external_data=True)
-        del program
-        _inline_external_data(staged, out_path)
-    finally:
-        staged.unlink(missing_ok=True)
-        staged.with_name(staged.name + ".data").unlink(missing_ok=True)
+    program.save(str(out_path), external_data=parameter_bytes(model) > EXTERNAL_DATA_BYTES)
 
 
-# Field numbers in onnx.proto of the fields `_inline_external_data` writes by hand.
-MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9
-COPY_CHUNK = 1 << 24
+def release_weights(model: torch.nn.Module) -> None:
+    """Free the memory of `model`'s weights once it has been traced; the module is unusable after.
 
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field_header(number: int, length: int) -> bytes:
-    """The tag and length that precede a length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(length)
-
-
-def _inline_external_data(source: Path, out_path: Path) -> None:
-    """Write `source` (a graph with external data) as one self-contained file, streaming the weights.
-
-    The graph without its weights is written first, then each weight as a further `graph` field
-    holding one initializer, its raw bytes copied from the data file in chunks: protobuf parsers
-    merge repeated occurrences of a message field, so the file reads as one ModelProto, and no
-    weight is ever held in memory (serialising the whole message would hold two copies of all)."""
-    import onnx
-
-    model = onnx.load(str(source), load_external_data=False)
-    initializers = list(model.graph.initializer)
-    del model.graph.initializer[:]
-    with open(out_path, "wb") as out, open(source.with_name(source.name + ".data"), "rb") as data:
-        out.write(model.SerializeToString())
-        for tensor in initializers:
-            if tensor.data_location != onnx.TensorProto.EXTERNAL:
-                body = tensor.SerializeToString()
-                out.write(_field_header(MODEL_GRAPH, len(_field_header(GRAPH_INITIALIZER, len(body))) + len(body)))
-                out.write(_field_header(GRAPH_INITIALIZER, len(body)) + body)
-                continue
-            where = {entry.key: entry.value for entry in tensor.external_data}
-            offset, length = int(where.get("offset", 0)), int(where["length"])
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")
-            head = tensor.SerializeToString() + _field_header(TENSOR_RAW_DATA, length)
-            tensor_bytes = len(head) + length
-            initializer = _field_header(GRAPH_INITIALIZER, tensor_bytes)
-            out.write(_field_header(MODEL_GRAPH, len(initializer) + tensor_bytes) + initializer + head)
-            data.seek(offset)
-            while length:
-                chunk = data.read(min(length, COPY_CHUNK))
-                out.write(chunk)
-                length -= len(chunk)
+    Deleting the model is not enough: onnxscript's rewriter rules keep a reference to the last
+    graph they matched (onnxscript 0.7), whose initializers hold the parameters or views of them,
+    so the weights would outlive the export and sit beside onnxruntime's copy during the check.
+    Shrinking each storage to nothing frees the memory whoever still holds a view of it; storages
+    the exporter made non-resizable are at least dropped by the module."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            storage = tensor.untyped_storage()
+            if storage.resizable():
+                storage.resize_(0)
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
