@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's GPU figures, on a machine with an NVIDIA GPU, onnxruntime-gpu and cupy:
-#   bash scripts/gpu_bench.sh [WORK] [RESULTS]
+#   bash scripts/gpu_bench.sh [WORK] [RESULTS]        (PAIRS="30m:fp32" to bench one pair only)
 # 1. scripts/gpu_check.py: every backend's tokens against the CPU at T=0 (tiny random pair);
 # 2. the 30m random pair in fp32 and the 600m one in fp16: export, CUDA engine, scripts/bench_gpu.py
 #    (exact-size calls vs fixed shapes vs CUDA graphs, and the PyTorch-eager loop on the same GPU).
@@ -25,5 +25,9 @@ pair() {  # pair PRESET DTYPE LIMIT_S
     python3 '$HERE/bench_gpu.py' '$WORK/$preset-$dtype' --engine onnxruntime-cuda-$dtype --json '$RESULTS/bench-$preset-$dtype.json'
   " 2>&1 | tee "$RESULTS/bench-$preset-$dtype.txt"
 }
-pair 30m fp32 120
-pair 600m fp16 330
+for spec in ${PAIRS:-30m:fp32 600m:fp16}; do
+  case $spec in
+    30m:*) pair 30m "${spec#*:}" 120 ;;
+    *) pair "${spec%%:*}" "${spec#*:}" 330 ;;
+  esac
+done
