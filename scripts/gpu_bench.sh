@@ -27,7 +27,7 @@ pair() {  # pair PRESET DTYPE LIMIT_S
 }
 for spec in ${PAIRS:-30m:fp32 600m:fp16}; do
   case $spec in
-    30m:*) pair 30m "${spec#*:}" 120 ;;
+    30m:*) pair 30m "${spec#*:}" 240 ;;
     *) pair "${spec%%:*}" "${spec#*:}" 330 ;;
   esac
 done

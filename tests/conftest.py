@@ -38,6 +38,24 @@ def tiny_fp16_bundle(tiny_pair, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def runtime(tiny_bundle):
+    """The tiny bundle loaded once per test module (modules may change its EOS ids)."""
+    from apd_deploy.runtime import Runtime
+
+    return Runtime.load(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def runtime_without_eos(tiny_bundle):
+    """The tiny bundle with no EOS: generations run to their full length."""
+    from apd_deploy.runtime import Runtime
+
+    runtime = Runtime.load(tiny_bundle)
+    runtime.eos_ids = frozenset()
+    return runtime
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_verification_memo(tmp_path_factory):
     """Keep the runtime's memo of verified bundle files out of the user's cache directory."""

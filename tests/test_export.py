@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -110,6 +111,7 @@ def test_verifier_graph_is_causal_and_dllm_is_not(tiny_bundle):
     assert not np.allclose(logits("dllm", a)[0, :-1], logits("dllm", b)[0, :-1])
 
 
+@pytest.mark.slow  # the default run exports a Dream-format directory too: the bundled demo pair's dLLM
 def test_dream_format_directory_exports(tmp_path):
     # Two of the example's four layers: the format is what is tested, and tracing time grows with depth.
     dream = fixture_config("dream-config.json") | {"num_hidden_layers": 2}
@@ -133,6 +135,25 @@ def test_fp16_export_carries_half_precision_caches(tiny_fp16_bundle):
         assert model["check"]["max_abs_diff"] <= model["check"]["tolerance"]
 
 
+def test_a_graph_no_installed_provider_runs_gets_a_reason_not_a_session(tmp_path):
+    """What a bf16 export's check meets on a CPU-only machine, without tracing a model: a bf16
+    matrix product, which onnxruntime's CPU provider has no kernel for."""
+    from onnx import TensorProto, helper
+
+    from apd_deploy.export import parity
+
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 2])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "bf16", [x], [y])
+    path = tmp_path / "bf16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    session, reason = parity.ort_session(path)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime's CUDA provider runs bf16 here")
+    assert session is None and "CPUExecutionProvider" in reason
+
+
+@pytest.mark.slow  # a whole export; the check's refusal itself is tested above without tracing
 def test_bf16_export_records_an_unrunnable_check_instead_of_faking_it(tiny_pair, tmp_path):
     manifest = export_bundle(tiny_pair / "dllm", tiny_pair / "verifier", tmp_path / "bf16", dtype="bf16")
     for model in manifest["models"].values():

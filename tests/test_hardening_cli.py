@@ -33,18 +33,6 @@ def assert_usage_error(code: int, out: str, err: str, message: str) -> None:
     assert message in lines[-1], lines[-1]
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_bundle):
-    return Runtime.load(tiny_bundle)
-
-
-@pytest.fixture(scope="module")
-def runtime_without_eos(tiny_bundle):
-    runtime = Runtime.load(tiny_bundle)
-    runtime.eos_ids = frozenset()
-    return runtime
-
-
 # 5. Every integer option is range-checked before any work.
 @pytest.mark.parametrize("args, flag", [
     (["generate", NO_BUNDLE, "--prompt-ids", "1", "--seed", "-1"], "--seed"),

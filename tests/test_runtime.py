@@ -20,18 +20,6 @@ CLI = str(Path(sys.executable).with_name("apd-deploy"))
 PROMPT = [72, 101, 108, 108, 111]
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_bundle):
-    return Runtime.load(tiny_bundle)
-
-
-@pytest.fixture(scope="module")
-def runtime_without_eos(tiny_bundle):
-    runtime = Runtime.load(tiny_bundle)
-    runtime.eos_ids = frozenset()
-    return runtime
-
-
 def _with_manifest(tiny_bundle, tmp_path, edit):
     copy = shutil.copytree(tiny_bundle, tmp_path / "edited")
     manifest = json.loads((copy / "manifest.json").read_text())
