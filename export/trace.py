@@ -64,6 +64,10 @@ def trace_to_onnx(model: DecoderLM, out_path: Path, opset: int) -> None:
             verbose=False,
         )
     program.save(str(out_path), external_data=parameter_bytes(model) > EXTERNAL_DATA_BYTES)
+    # onnxscript's rewriter rules keep the last graph they matched alive (0.7), and its weights with
+    # it: once the graph is written, let the in-memory graph drop them.
+    for initializer in program.model.graph.initializers.values():
+        initializer.const_value = None
 
 
 def release_weights(model: torch.nn.Module) -> None:
@@ -73,7 +77,8 @@ def release_weights(model: torch.nn.Module) -> None:
     graph they matched (onnxscript 0.7), whose initializers hold the parameters or views of them,
     so the weights would outlive the export and sit beside onnxruntime's copy during the check.
     Shrinking each storage to nothing frees the memory whoever still holds a view of it; storages
-    the exporter made non-resizable are at least dropped by the module."""
+    the exporter made non-resizable are at least dropped by the module (and by the graph, which
+    `trace_to_onnx` empties once written)."""
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             storage = tensor.untyped_storage()
