@@ -105,7 +105,8 @@ def interruptible(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--preset", type=click.Choice(["tiny", "30m", "600m"]), default="tiny", show_default=True,
               help="tiny: for tests; 30m: a 30M-parameter dLLM and a 3M verifier, for CPU benchmarks; "
                    "600m: Qwen2.5-0.5B's widths with Dream's vocabulary (0.63B) and a 0.11B verifier, for GPUs.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the random weights: the same seed writes the same pair.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is a pair make-tiny wrote.")
 @interruptible
 @user_errors
@@ -121,7 +122,8 @@ def make_tiny_command(out: str, preset: str, seed: int, overwrite: bool) -> None
 @click.option("--dllm", "dllm_dir", required=True, type=click.Path(), help="Dream-format checkpoint directory.")
 @click.option("--verifier", "verifier_dir", required=True, type=click.Path(), help="Qwen2/Llama checkpoint directory.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Precision of the graphs' weights and KV caches (logits are always fp32); fp32 for CPUs, fp16/bf16 for GPUs.")
 @click.option("--opset", type=click.IntRange(18), default=18, show_default=True, help="ONNX opset (18 or newer).")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=None,
               help="Max |ONNX - PyTorch| logits allowed [default: per dtype, relative to the logits' scale].")
