@@ -146,8 +146,7 @@ class OrtCudaDecoder:
         rows = None if rows is None else to_host(rows).astype(np.int64, copy=False)
         with self._lock, self.stream:
             ids = self._to_device(ids)
-            n = ids.shape[1]
-            shape = FixedShape.holding(n, n if rows is None else len(rows), cache.capacity)
+            shape = FixedShape.for_call(ids.shape[1], rows, cache.capacity)
             if not (self.fixed_shapes and shape.window <= MAX_FIXED_WINDOW and shape.capacity <= MAX_FIXED_CAPACITY):
                 return self._run_exact(ids, cache, rows)
             try:

@@ -149,8 +149,7 @@ class OrtCpuDecoder:
         return (logits if self.xp is np else self.xp.asarray(logits)), new_kv
 
     def _run_padded(self, ids: np.ndarray, cache: KVCache, rows: np.ndarray | None):
-        n = ids.shape[1]
-        shape = FixedShape.holding(n, n if rows is None else len(rows), cache.capacity)
+        shape = FixedShape.for_call(ids.shape[1], rows, cache.capacity)
         if shape not in self._padded:
             self._padded[shape] = PaddedInputs(np, shape, self.spec.kv_dims, self.kv_dtype, self.spec.max_positions)
         inputs = self._padded[shape]

@@ -46,6 +46,11 @@ class FixedShape:
         window = round_up(window, MIN_WINDOW)
         return cls(window, round_up(rows, min(window, MAX_MIN_ROWS)), round_up(capacity, MIN_CAPACITY))
 
+    @classmethod
+    def for_call(cls, window: int, rows: np.ndarray | None, capacity: int) -> FixedShape:
+        """The shape holding a call of `window` tokens asking for logits of `rows` (None: every row)."""
+        return cls.holding(window, window if rows is None else len(rows), capacity)
+
     def dimensions(self) -> dict[str, int]:
         """Values of the graphs' symbolic dimensions (`manifest.json` inputs) at this shape."""
         return {"batch": 1, "seq_len": self.window, "total_len": self.capacity + self.window,
