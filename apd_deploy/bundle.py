@@ -20,7 +20,9 @@ from apd_deploy.errors import BundleError
 
 MANIFEST = "manifest.json"
 FORMAT = "apd-deploy-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# What the current version changed, for the message that refuses an older bundle.
+VERSION_CHANGES = "version 2 batches requests: the KV cache is batch-first and logit rows index the whole batch"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 
@@ -181,8 +183,16 @@ def read_manifest(bundle: str | Path, verify: str = "full") -> dict[str, Any]:
     if manifest.get("version") != FORMAT_VERSION:
         raise BundleError(
             f"{path}: field 'version' is {manifest.get('version')!r}, this apd-deploy reads version "
-            f"{FORMAT_VERSION}; re-export the bundle with this version"
+            f"{FORMAT_VERSION} ({VERSION_CHANGES}); export the bundle again with `apd-deploy export` and "
+            "rebuild its engines with `apd-deploy build-engine`"
         )
     validate_manifest(manifest, path)
     verify_files(bundle, manifest, verify)
     return manifest
+
+
+def kv_dims(entry: dict[str, Any]) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a model entry's `past_kv` input, laid out
+    [batch, layers, 2, kv_heads, capacity, head_dim]."""
+    _, layers, _, kv_heads, _, head_dim = next(t for t in entry["inputs"] if t["name"] == "past_kv")["shape"]
+    return layers, kv_heads, head_dim

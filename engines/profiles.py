@@ -8,8 +8,9 @@ The shapes each graph sees during decoding are known in advance:
   accepted, and M lookahead positions (at most W + 2M - 1) over a cache of any length, and the
   verifier at most M drafted tokens (1 for AR decoding) over a cache of at least one position.
 Two profiles, one per regime, let TensorRT tune kernels for the short steady-state windows
-instead of for the longest possible prefill. Logits are asked for at most M + 1 rows per call
-(`max_logit_rows`): the dLLM's M lookahead rows, the verifier's draft plus the prompt's last row.
+instead of for the longest possible prefill. Logits are asked for at most M + 1 rows per request
+(`max_logit_rows`): the dLLM's M lookahead rows, the verifier's draft plus the prompt's last row;
+a batched call asks for the rows of all its requests, so `logit_len` grows with the batch.
 TensorRT reserves memory for the largest shape of a profile, and logits for a whole prefill window
 would not fit: [32768, 152064] in fp32 is 19.9 GB.
 """
@@ -39,7 +40,7 @@ class Profile:
             "input_ids": tuple((self.batch[i], self.seq_len[i]) for i in per_point),
             "position_ids": tuple((self.batch[i], self.seq_len[i]) for i in per_point),
             "attention_mask": tuple((self.batch[i], total[i]) for i in per_point),
-            "past_kv": tuple((layers, 2, self.batch[i], kv_heads, self.capacity[i], head_dim) for i in per_point),
+            "past_kv": tuple((self.batch[i], layers, 2, kv_heads, self.capacity[i], head_dim) for i in per_point),
             "logit_rows": tuple((self.logit_len[i],) for i in per_point),
         }
 
@@ -56,18 +57,20 @@ def derive_profiles(role: str, max_seq_len: int, kv_window: int, max_lookahead: 
                     max_logit_rows: int | None = None) -> list[Profile]:
     """Steady state first: the runtime picks the first profile that holds a call."""
     batch = _range(1, 1, max_batch)
-    rows = min(max_logit_rows or max_lookahead + 1, max_seq_len)
+    rows = min(max_logit_rows or max_lookahead + 1, max_seq_len)  # per request
     capacity = _range(1, max_seq_len // 2, max_seq_len)
     if role == "dllm":
         steady_window = min(kv_window + 2 * max_lookahead - 1, max_seq_len)
         opt = opt_window or kv_window + max_lookahead
         steady = Profile("steady", batch, _range(1, opt, steady_window), _range(0, max_seq_len // 2, max_seq_len - 1),
-                         _range(1, max_lookahead, min(rows, steady_window)), capacity)
+                         _range(1, max_lookahead, min(rows, steady_window) * max_batch), capacity)
     else:
         steady_window = min(max_lookahead, max_seq_len - 1)
         opt = opt_window or max_lookahead
         steady = Profile("steady", batch, _range(1, opt, steady_window), _range(1, max_seq_len // 2, max_seq_len - 1),
-                         _range(1, opt, min(rows, steady_window)), capacity)
-    prefill = Profile("prefill", batch, _range(1, max_lookahead + 128, max_seq_len), (0, 0, 0),
-                      _range(1, max_lookahead, rows), capacity)
+                         _range(1, opt, min(rows, steady_window) * max_batch), capacity)
+    # In a batch a request's prefill shares the call with requests that have a cache.
+    prefill_past = (0, 0, 0) if max_batch == 1 else (0, 0, max_seq_len - 1)
+    prefill = Profile("prefill", batch, _range(1, max_lookahead + 128, max_seq_len), prefill_past,
+                      _range(1, max_lookahead, rows * max_batch), capacity)
     return [steady, prefill]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from apd_deploy.accelerators import compute_capability, require_cupy, require_tensorrt
+from apd_deploy.bundle import kv_dims
 from apd_deploy.engines.profiles import Profile
 from apd_deploy.errors import ApdDeployError
 
@@ -92,9 +93,7 @@ def build_tensorrt(bundle: Path, manifest: dict[str, Any], precision: str, profi
     strongly_typed, flags = precision_plan(int(trt.__version__.split(".")[0]), manifest["export"]["dtype"], precision)
     for role in ("dllm", "verifier"):
         entry = manifest["models"][role]
-        layers, _, _, kv_heads, _, head_dim = next(t for t in entry["inputs"] if t["name"] == "past_kv")["shape"]
-        kv_dims = (layers, kv_heads, head_dim)
-        plan, timing_cache = _build_one(trt, bundle / entry["graph"], profiles[role], kv_dims, strongly_typed,
+        plan, timing_cache = _build_one(trt, bundle / entry["graph"], profiles[role], kv_dims(entry), strongly_typed,
                                         flags, precision, timing_cache)
         (out / f"{role}.plan").write_bytes(plan)
     gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"]

@@ -13,7 +13,7 @@ from apd_deploy.export.config import ModelConfig
 # Symbolic axes. The mask's length is its own axis: it equals past_len + seq_len at run time,
 # but exporters want it declared independently. capacity: the length of the cache buffer handed
 # over, of which the first total_len - seq_len positions are read. logit_len: how many window rows
-# get logits.
+# get logits (indices into the batch's window rows flattened, batch * seq_len of them).
 DYNAMIC_AXES = ("batch", "seq_len", "total_len", "capacity", "logit_len")
 
 
@@ -25,11 +25,11 @@ def graph_io(cfg: ModelConfig, kv_dtype: str) -> dict[str, list[dict[str, Any]]]
             {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq_len"]},
             {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq_len"]},
             {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_len"]},
-            {"name": "past_kv", "dtype": kv_dtype, "shape": [layers, 2, "batch", heads, "capacity", head_dim]},
+            {"name": "past_kv", "dtype": kv_dtype, "shape": ["batch", layers, 2, heads, "capacity", head_dim]},
             {"name": "logit_rows", "dtype": "int64", "shape": ["logit_len"]},
         ],
         "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": ["batch", "logit_len", cfg.vocab_size]},
-            {"name": "new_kv", "dtype": kv_dtype, "shape": [layers, 2, "batch", heads, "seq_len", head_dim]},
+            {"name": "logits", "dtype": "float32", "shape": ["logit_len", cfg.vocab_size]},
+            {"name": "new_kv", "dtype": kv_dtype, "shape": ["batch", layers, 2, heads, "seq_len", head_dim]},
         ],
     }

@@ -75,10 +75,10 @@ def onnx_stepper(session, empty_cache_shape: tuple[int, ...], kv_dtype: np.dtype
         nonlocal cache
         ids, positions, mask = _inputs(tokens, keep, new)
         feed = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "past_kv": cache,
-                "logit_rows": np.arange(new, dtype=np.int64)}
+                "logit_rows": np.arange(ids.size, dtype=np.int64)}  # every row of every batch row
         logits, new_kv = session.run(["logits", "new_kv"], feed)
         cache = np.concatenate([cache[..., :keep, :], new_kv], axis=-2)
-        return logits
+        return logits.reshape(*ids.shape, -1)
 
     return step
 

@@ -34,7 +34,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_ELEMENT_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_OPSET = 18
 APD_DEFAULTS = {"apd_mixture_weight": 0.7, "kv_window": 16, "max_lookahead": 100}
-KV_LAYOUT = "[num_layers, 2, batch, num_kv_heads, capacity, head_dim]; past_kv's first total_len - seq_len positions are read"
+KV_LAYOUT = "[batch, num_layers, 2, num_kv_heads, capacity, head_dim]; past_kv's first total_len - seq_len positions are read"
 
 Report = Callable[[str], None]
 

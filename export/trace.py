@@ -30,7 +30,7 @@ def example_inputs(model: DecoderLM, batch: int = 2, seq_len: int = 5, past_len:
     empty = model.empty_cache(batch)
     past_kv = empty.new_zeros((*empty.shape[:4], past_len + 3, empty.shape[5]))  # a buffer longer than the past
     past_kv.normal_(generator=g)
-    logit_rows = torch.arange(1, seq_len)
+    logit_rows = torch.arange(1, 2 * seq_len - 1)  # rows of both batch rows, flattened
     return input_ids, position_ids, attention_mask, past_kv, logit_rows
 
 

@@ -7,12 +7,17 @@ the window's own keys/values, so a runtime can keep the cache in a preallocated 
 write new entries in place.
 
 KV layout, shared by the graph inputs and outputs:
-    past_kv  [num_layers, 2, batch, num_kv_heads, capacity, head_dim]   (2 = key, value)
-    new_kv   [num_layers, 2, batch, num_kv_heads, seq_len,  head_dim]
+    past_kv  [batch, num_layers, 2, num_kv_heads, capacity, head_dim]   (2 = key, value)
+    new_kv   [batch, num_layers, 2, num_kv_heads, seq_len,  head_dim]
 past_kv is a whole cache buffer: only its first past_len = attention_mask length - seq_len
 positions are read, so a runtime hands over its preallocated buffer as it is, whatever its
-length, and crops by changing a number. Each layer's keys are a contiguous block per head, the
-layout attention multiplies with: no per-layer gather or transpose of the cache.
+length, and crops by changing a number. Batch first: the rows of consecutive requests in a
+runtime's per-model cache buffer (one row per slot) are one contiguous block it hands over as
+it is. Each layer's keys are a contiguous block per head, the layout attention multiplies with.
+
+In a batch each row has its own cache length and window length: the attention mask marks, per
+row, which of the past_len cached positions and which window positions are real, and the
+position ids carry each row's own positions.
 """
 
 from __future__ import annotations
@@ -139,7 +144,7 @@ class DecoderLM(nn.Module):
     def empty_cache(self, batch: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         c = self.config
         dtype = dtype or self.model.embed_tokens.weight.dtype
-        return torch.zeros(c.num_hidden_layers, 2, batch, c.num_key_value_heads, 0, c.head_dim, dtype=dtype)
+        return torch.zeros(batch, c.num_hidden_layers, 2, c.num_key_value_heads, 0, c.head_dim, dtype=dtype)
 
     def forward(
         self,
@@ -150,8 +155,11 @@ class DecoderLM(nn.Module):
         logit_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, position_ids [b, s]; attention_mask [b, past_len + s] (1 = real token);
-        past_kv as in the module docstring; logit_rows [n]: the window rows that get logits
-        (default: all). Returns fp32 logits [b, n, vocab] and new_kv.
+        past_kv as in the module docstring; logit_rows [n]: the rows that get logits, as indices
+        into the batch's window rows flattened ([b * s]: row r's window position j is r * s + j),
+        so each request of a batch asks for its own rows and no padding rows are projected.
+        Returns fp32 logits [n, vocab] for logit_rows, or [b, s, vocab] without (training), and
+        new_kv.
 
         Decoding needs logits for only some rows (APD's dLLM: not the W recomputed positions; the
         verifier: not the prompt), and the vocabulary projection of a large model costs as much
@@ -171,11 +179,11 @@ class DecoderLM(nn.Module):
         mask_bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
         new_kv = []
         for i, layer in enumerate(self.model.layers):
-            past_k = past_kv[i, 0, :, :, :past_len]
-            past_v = past_kv[i, 1, :, :, :past_len]
+            past_k = past_kv[:, i, 0, :, :past_len]
+            past_v = past_kv[:, i, 1, :, :past_len]
             x, k, v = layer(x, cos, sin, past_k, past_v, mask_bias)
-            new_kv.append(torch.stack([k, v]))
+            new_kv.append(torch.stack([k, v], dim=1))
         if logit_rows is not None:
-            x = x.index_select(1, logit_rows)
+            x = x.reshape(-1, x.shape[-1]).index_select(0, logit_rows)
         logits = self.lm_head(self.model.norm(x)).float()
-        return logits, torch.stack(new_kv)
+        return logits, torch.stack(new_kv, dim=1)

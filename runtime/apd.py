@@ -8,24 +8,26 @@ import numpy as np
 
 from apd_deploy.runtime.arrays import to_host
 from apd_deploy.runtime.canvas import Canvas, Decoder, Step, WindowedDLLM
-from apd_deploy.runtime.engine import DecoderEngine
 from apd_deploy.runtime.kv_cache import KVCache
 from apd_deploy.runtime.sampling import pick
 
 
-def apd(canvas: Canvas, dllm: DecoderEngine, verifier: DecoderEngine,
-        mixture_weight: float, kv_window: int, max_lookahead: int) -> Decoder:
+def apd(canvas: Canvas, mixture_weight: float, kv_window: int, max_lookahead: int,
+        first_verify_chunk: int | None) -> Decoder:
+    """first_verify_chunk: draft tokens the verifier scores in its first call of a step (each
+    further call doubles), or None for the whole draft (see `DecoderEngine.first_verify_chunk`)."""
     x, sampler, xp, end = canvas.x, canvas.sampler, canvas.xp, len(canvas.x)
-    window = WindowedDLLM(dllm, canvas, kv_window)
-    ar_cache = verifier.new_cache(end)
+    window = WindowedDLLM(canvas, kv_window)
+    ar_cache = canvas.new_cache("verifier", end)
     curr = canvas.prompt_len
     ar_next = None  # the verifier's logits for position curr, saved from the previous step
     while curr < end:
         right = min(curr + max_lookahead, end)
-        dllm_scores = sampler.scores(window.predict(curr, right))
+        dllm_scores = sampler.scores((yield from window.predict(curr, right)))
         noise = sampler.noise(right - curr)
         draft = pick(xp, dllm_scores, noise)
-        accepted, ar_next = verify(canvas, verifier, ar_cache, curr, draft, dllm_scores, noise, ar_next, mixture_weight)
+        accepted, ar_next = yield from verify(canvas, ar_cache, curr, draft, dllm_scores, noise, ar_next,
+                                              mixture_weight, first_verify_chunk)
         committed = to_host(draft[:accepted])
         x[curr : curr + accepted] = committed
         window.advance(curr)
@@ -33,8 +35,8 @@ def apd(canvas: Canvas, dllm: DecoderEngine, verifier: DecoderEngine,
         yield Step(accepted, committed)
 
 
-def verify(canvas: Canvas, verifier: DecoderEngine, cache: KVCache, curr: int, draft, dllm_scores, noise,
-           ar_next, mixture_weight: float):
+def verify(canvas: Canvas, cache: KVCache, curr: int, draft, dllm_scores, noise, ar_next, mixture_weight: float,
+           first_verify_chunk: int | None):
     """Score `draft` (positions curr..) with the verifier and return how many tokens are accepted
     and the verifier's logits for the position after them.
 
@@ -44,15 +46,15 @@ def verify(canvas: Canvas, verifier: DecoderEngine, cache: KVCache, curr: int, d
     now committed.
     """
     xp, sampler, size = canvas.xp, canvas.sampler, len(draft)
-    start, chunk = 0, verifier.first_verify_chunk or size
+    start, chunk = 0, first_verify_chunk or size
     while True:
         stop = min(start + chunk, size)
         if cache.length == 0:  # first step: prefill the prompt together with the first chunk
             fed = xp.concatenate([xp.asarray(canvas.x[:curr]), draft[:stop]])
             # Logits from the prompt's last row on: the rows before it predict the prompt itself.
-            rows, new_kv = canvas.run("verifier", verifier, fed, cache, np.arange(curr - 1, curr + stop, dtype=np.int64))
+            rows, new_kv = yield from canvas.run("verifier", fed, cache, np.arange(curr - 1, curr + stop, dtype=np.int64))
         else:  # the cache holds [0, curr + start)
-            logits, new_kv = canvas.run("verifier", verifier, draft[start:stop], cache)
+            logits, new_kv = yield from canvas.run("verifier", draft[start:stop], cache)
             rows = xp.concatenate([ar_next[None], logits])
         cache.append(new_kv)
         # rows[k] is the verifier's prediction for position curr + start + k (its output row at

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
-from apd_deploy.runtime.engine import DecoderEngine
+from apd_deploy.runtime.engine import EngineCall
 from apd_deploy.runtime.kv_cache import KVCache
 from apd_deploy.runtime.sampling import Sampler
 
@@ -25,6 +25,14 @@ class Step:
     positions: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class Call:
+    """What a decoder asks of the engine of `role`; it is resumed with (logits, new_kv)."""
+
+    role: str
+    call: EngineCall
+
+
 @dataclass
 class Canvas:
     """The sequence being generated: prompt followed by masks, filled in as decoding commits.
@@ -36,30 +44,28 @@ class Canvas:
     vocab_size: int  # sampling is restricted to the ids both models know (the verifier's vocabulary)
     sampler: Sampler
     xp: ModuleType
+    # A KV cache for the model of a role, of a capacity: the request's own (decoding alone) or
+    # its row of the batch's shared buffer (decoding in a batch).
+    new_cache: Callable[[str, int], KVCache]
     forwards: dict[str, int] = field(default_factory=lambda: {"dllm": 0, "verifier": 0})
     engine_seconds: dict[str, float] = field(default_factory=lambda: {"dllm": 0.0, "verifier": 0.0})
-    # Set to time engine calls on a GPU, where a call returns before its work is done; waiting
-    # for each call slows the step, so only a benchmark's breakdown pass does it.
-    synchronize: Callable[[], None] | None = None
 
     @classmethod
-    def start(cls, prompt: np.ndarray, max_new_tokens: int, mask_id: int, vocab_size: int, sampler: Sampler) -> Canvas:
+    def start(cls, prompt: np.ndarray, max_new_tokens: int, mask_id: int, vocab_size: int, sampler: Sampler,
+              new_cache: Callable[[str, int], KVCache]) -> Canvas:
         x = np.full(len(prompt) + max_new_tokens, mask_id, dtype=np.int64)
         x[: len(prompt)] = prompt
-        return cls(x, len(prompt), mask_id, vocab_size, sampler, sampler.xp)
+        return cls(x, len(prompt), mask_id, vocab_size, sampler, sampler.xp, new_cache)
 
-    def run(self, role: str, engine: DecoderEngine, ids, cache: KVCache, rows=None):
-        """One engine call, counted and timed per model; logits for the window rows `rows` (all by default)."""
+    def run(self, role: str, ids, cache: KVCache, rows=None) -> Generator[Call, Any, tuple[Any, Any]]:
+        """One engine call, counted per model: `logits, new_kv = yield from canvas.run(...)`, with
+        logits for the window rows `rows` (all by default). Whoever drives the decoder makes the
+        call, alone or batched with other requests' calls, and times it."""
         self.forwards[role] += 1
-        started = time.perf_counter()
-        out = engine.run(ids, cache, rows)
-        if self.synchronize is not None:
-            self.synchronize()
-        self.engine_seconds[role] += time.perf_counter() - started
-        return out
+        return (yield Call(role, EngineCall(ids, cache, rows)))
 
 
-Decoder = Iterator[Step]
+Decoder = Generator["Call | Step", Any, None]  # yields engine calls and steps
 
 
 class WindowedDLLM:
@@ -67,9 +73,9 @@ class WindowedDLLM:
     [0, left), and afterwards keeps the positions up to `curr - W + 1`, so that the next step
     recomputes the last W committed positions plus the newly committed ones."""
 
-    def __init__(self, engine: DecoderEngine, canvas: Canvas, kv_window: int) -> None:
-        self.engine, self.canvas, self.kv_window = engine, canvas, kv_window
-        self.cache = engine.new_cache(len(canvas.x))
+    def __init__(self, canvas: Canvas, kv_window: int) -> None:
+        self.canvas, self.kv_window = canvas, kv_window
+        self.cache = canvas.new_cache("dllm", len(canvas.x))
         self.left = 0
         self._new_kv = None
 
@@ -80,7 +86,7 @@ class WindowedDLLM:
         self.cache.crop(self.left)
         first = curr - 1 - self.left
         rows = np.arange(first, first + (right - curr if count is None else count), dtype=np.int64)
-        logits, self._new_kv = self.canvas.run("dllm", self.engine, self.canvas.x[self.left : right], self.cache, rows)
+        logits, self._new_kv = yield from self.canvas.run("dllm", self.canvas.x[self.left : right], self.cache, rows)
         return logits[:, : self.canvas.vocab_size]
 
     def advance(self, curr: int) -> None:

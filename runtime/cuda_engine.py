@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,9 +29,10 @@ import numpy as np
 
 from apd_deploy.errors import BundleError
 from apd_deploy.runtime.arrays import to_host
-from apd_deploy.runtime.engine import NUMPY_DTYPES, DecoderSpec, ort_session_options, window_feed
+from apd_deploy.runtime.engine import (NUMPY_DTYPES, DecoderSpec, EngineCall, batch_feed, ort_session_options,
+                                      split_outputs)
 from apd_deploy.runtime.fixed_shapes import FixedShape, PaddedInputs
-from apd_deploy.runtime.kv_cache import KVCache
+from apd_deploy.runtime.kv_cache import KVCache, KVSlots
 
 # Sessions kept per engine, one per fixed shape; each holds its own copy of the weights on the GPU.
 MAX_FIXED_SESSIONS = 8
@@ -71,19 +73,18 @@ class FixedShapeSession:
     def __init__(self, session, cupy: ModuleType, spec: DecoderSpec, shape: FixedShape, kv_dtype: np.dtype) -> None:
         self.session = session
         self.inputs = PaddedInputs(cupy, shape, spec.kv_dims, kv_dtype, spec.max_positions)
-        layers, kv_heads, head_dim = spec.kv_dims
-        self.logits = cupy.zeros((1, shape.rows, spec.vocab_size), dtype=np.float32)
-        self.new_kv = cupy.zeros((layers, 2, 1, kv_heads, shape.window, head_dim), dtype=kv_dtype)
+        self.logits = cupy.zeros((shape.rows, spec.vocab_size), dtype=np.float32)
+        self.new_kv = cupy.zeros(spec.new_kv_shape(shape.batch, shape.window), dtype=kv_dtype)
         self.binding = session.io_binding()
         for name, array in self.inputs.arrays.items():
             bind(self.binding, name, array)
         bind(self.binding, "logits", self.logits, output=True)
         bind(self.binding, "new_kv", self.new_kv, output=True)
 
-    def run(self, ids, cache: KVCache, rows: np.ndarray | None, run_options):
-        n, count = self.inputs.write(ids, cache, rows)
+    def run(self, calls: Sequence[EngineCall], run_options) -> list[tuple[Any, Any]]:
+        counts = self.inputs.write(calls)
         self.session.run_with_iobinding(self.binding, run_options)
-        return self.logits[0, :count], self.new_kv[..., :n, :]
+        return split_outputs(calls, counts, self.logits, self.new_kv)
 
 
 class OrtCudaDecoder:
@@ -117,8 +118,7 @@ class OrtCudaDecoder:
         self._run_options = ort.RunOptions()
         # The stream orders everything; a synchronisation per run would only stall the host.
         self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        self._positions = cupy.arange(spec.max_positions, dtype=np.int64)[None]
-        self._ones = cupy.ones((1, spec.max_positions), dtype=np.int64)
+        self._arange = cupy.arange(spec.max_positions, dtype=np.int64)
         # Host ids go to the GPU through pinned memory: an asynchronous copy, where one from
         # pageable memory would wait for the stream.
         import cupyx
@@ -142,35 +142,50 @@ class OrtCudaDecoder:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype, xp=self.xp)
 
-    def run(self, ids, cache: KVCache, rows=None):
-        rows = None if rows is None else to_host(rows).astype(np.int64, copy=False)
+    def new_slots(self, slots: int, capacity: int) -> KVSlots:
+        return KVSlots(slots, capacity, self.spec.kv_dims, self.kv_dtype, xp=self.xp)
+
+    def run(self, calls: Sequence[EngineCall]) -> list[tuple[Any, Any]]:
         with self._lock, self.stream:
-            ids = self._to_device(ids)
-            shape = FixedShape.for_call(ids.shape[1], rows, cache.capacity)
+            calls = self._to_device(calls)
+            shape = FixedShape.for_calls(calls)
             if not (self.fixed_shapes and shape.window <= MAX_FIXED_WINDOW and shape.capacity <= MAX_FIXED_CAPACITY):
-                return self._run_exact(ids, cache, rows)
+                return self._run_exact(calls)
             try:
-                return self._fixed_session(shape).run(ids, cache, rows, self._run_options)
+                return self._fixed_session(shape).run(calls, self._run_options)
             except Exception as exc:  # a capture onnxruntime could not make; the call's inputs are written anew
                 if not self.cuda_graph or self.cuda_graph_error is not None:
                     raise
                 self._refuse_graphs(exc)
-                return self._fixed_session(shape).run(ids, cache, rows, self._run_options)
+                return self._fixed_session(shape).run(calls, self._run_options)
 
     def _refuse_graphs(self, exc: Exception) -> None:
         self.cuda_graph_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"warning: {self.graph.name}: CUDA graphs are off: {self.cuda_graph_error}", file=sys.stderr)
         self._fixed.clear()
 
-    def _to_device(self, ids):
+    def _to_device(self, calls: Sequence[EngineCall]) -> list[EngineCall]:
+        """The calls with their ids on the GPU (host ids go through pinned memory: an asynchronous
+        copy, where one from pageable memory would wait for the stream) and their rows on the host."""
         cupy = self.xp
-        if not isinstance(ids, np.ndarray):
-            return cupy.asarray(ids, dtype=np.int64).reshape(1, -1)
-        n = ids.size
-        self._copied.synchronize()  # the previous copy out of the pinned buffer has finished
-        self._pinned[:n] = ids.reshape(-1)
-        out = cupy.empty((1, n), dtype=np.int64)
-        out.set(self._pinned[:n].reshape(1, n), stream=self.stream)
+        host = sum(call.ids.size for call in calls if isinstance(call.ids, np.ndarray))
+        self._copied.synchronize()  # the previous copies out of the pinned buffer have finished
+        if host > self._pinned.size:
+            import cupyx
+
+            self._pinned = cupyx.empty_pinned((host,), dtype=np.int64)
+        out, offset = [], 0
+        for call in calls:
+            rows = None if call.rows is None else to_host(call.rows).astype(np.int64, copy=False)
+            if isinstance(call.ids, np.ndarray):
+                n = call.ids.size
+                self._pinned[offset : offset + n] = call.ids.reshape(-1)
+                ids = cupy.empty((n,), dtype=np.int64)
+                ids.set(self._pinned[offset : offset + n], stream=self.stream)
+                offset += n
+            else:
+                ids = cupy.asarray(call.ids, dtype=np.int64).reshape(-1)
+            out.append(EngineCall(ids, call.cache, rows))
         self._copied.record(self.stream)
         return out
 
@@ -191,15 +206,16 @@ class OrtCudaDecoder:
         self._fixed[shape] = FixedShapeSession(session, self.xp, self.spec, shape, self.kv_dtype)
         return self._fixed[shape]
 
-    def _run_exact(self, ids, cache: KVCache, rows: np.ndarray | None):
+    def _run_exact(self, calls: Sequence[EngineCall]) -> list[tuple[Any, Any]]:
         cupy = self.xp
-        feed = window_feed(cupy, ids, cache, rows, self._positions, self._ones)
-        logits = cupy.empty((1, len(feed["logit_rows"]), self.spec.vocab_size), dtype=np.float32)
-        new_kv = cupy.empty(self.spec.new_kv_shape(ids.shape[1]), dtype=self.kv_dtype)
+        feed, counts = batch_feed(cupy, calls, self._arange)
+        batch, window = feed["input_ids"].shape
+        logits = cupy.empty((len(feed["logit_rows"]), self.spec.vocab_size), dtype=np.float32)
+        new_kv = cupy.empty(self.spec.new_kv_shape(batch, window), dtype=self.kv_dtype)
         binding = self.session.io_binding()
         for name, array in feed.items():
             bind(binding, name, cupy.ascontiguousarray(array))
         bind(binding, "logits", logits, output=True)
         bind(binding, "new_kv", new_kv, output=True)
         self.session.run_with_iobinding(binding, self._run_options)
-        return logits[0], new_kv
+        return split_outputs(calls, counts, logits, new_kv)

@@ -10,7 +10,6 @@ import numpy as np
 
 from apd_deploy.runtime.arrays import to_host
 from apd_deploy.runtime.canvas import Canvas, Decoder, Step
-from apd_deploy.runtime.engine import DecoderEngine
 from apd_deploy.runtime.sampling import pick, softmax
 
 ORDERS = ("confidence", "entropy", "margin")
@@ -27,9 +26,9 @@ def confidence(xp: ModuleType, probs, tokens, order: str):
     return (probs * xp.log(probs + 1e-10)).sum(axis=-1)  # entropy: negative entropy
 
 
-def diffusion(canvas: Canvas, dllm: DecoderEngine, steps: int, order: str) -> Decoder:
+def diffusion(canvas: Canvas, steps: int, order: str) -> Decoder:
     x, sampler, xp = canvas.x, canvas.sampler, canvas.xp
-    empty = dllm.new_cache(0)
+    empty = canvas.new_cache("dllm", 0)
     timesteps = np.linspace(1, EPS, steps + 1)
     decided = canvas.prompt_len  # end of the contiguous unmasked prefix
     for i in range(steps):
@@ -38,7 +37,7 @@ def diffusion(canvas: Canvas, dllm: DecoderEngine, steps: int, order: str) -> De
         if len(masked) == 0:
             return
         # Shifted logits: the row of position j-1 predicts j.
-        logits, _ = canvas.run("dllm", dllm, x, empty, masked - 1)
+        logits, _ = yield from canvas.run("dllm", x, empty, masked - 1)
         scores = sampler.scores(logits[:, : canvas.vocab_size])
         tokens = pick(xp, scores, sampler.noise(len(masked)))
         sure = confidence(xp, softmax(xp, scores), tokens, order)

@@ -12,14 +12,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
+from apd_deploy.bundle import kv_dims
 from apd_deploy.errors import BundleError
 from apd_deploy.runtime.arrays import to_host
 from apd_deploy.runtime.fixed_shapes import FixedShape, PaddedInputs
-from apd_deploy.runtime.kv_cache import KVCache
+from apd_deploy.runtime.kv_cache import KVCache, KVSlots, stacked_past
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 GRAPH_INPUTS = ("input_ids", "position_ids", "attention_mask", "past_kv", "logit_rows")
@@ -54,13 +56,22 @@ class DecoderSpec:
             raise BundleError(f"{manifest_path}: models.{role}.inputs lacks {', '.join(missing)}: the bundle was "
                               "exported by an older apd-deploy; export it again with apd-deploy export")
         past = next(t for t in entry["inputs"] if t["name"] == "past_kv")
-        layers, _, _, kv_heads, _, head_dim = past["shape"]
-        return cls(entry["config"]["vocab_size"], entry["config"]["max_position_embeddings"],
-                   (layers, kv_heads, head_dim), past["dtype"])
+        return cls(entry["config"]["vocab_size"], entry["config"]["max_position_embeddings"], kv_dims(entry),
+                   past["dtype"])
 
-    def new_kv_shape(self, seq_len: int) -> tuple[int, ...]:
+    def new_kv_shape(self, batch: int, seq_len: int) -> tuple[int, ...]:
         layers, kv_heads, head_dim = self.kv_dims
-        return (layers, 2, 1, kv_heads, seq_len, head_dim)
+        return (batch, layers, 2, kv_heads, seq_len, head_dim)
+
+
+@dataclass(frozen=True)
+class EngineCall:
+    """One request's share of an engine call: `ids` (1-D, host or device) fed at the positions
+    right after `cache`, asking for logits of the window rows `rows` (host int64; None: every row)."""
+
+    ids: Any
+    cache: KVCache
+    rows: np.ndarray | None = None
 
 
 class DecoderEngine(Protocol):
@@ -73,24 +84,59 @@ class DecoderEngine(Protocol):
 
     def new_cache(self, capacity: int) -> KVCache: ...
 
-    def run(self, ids, cache: KVCache, rows=None) -> tuple[Any, Any]:
-        """Feed `ids` (1-D, host or device) at the positions right after `cache`; returns logits
-        [len(rows), vocab] for the window rows `rows` (host int64 indices; default: every row)
-        and the window's keys/values [..., n, head_dim]. The cache itself is not changed. The
-        returned arrays may be the engine's own buffers: valid until its next call."""
+    def new_slots(self, slots: int, capacity: int) -> KVSlots: ...
+
+    def run(self, calls: Sequence[EngineCall]) -> list[tuple[Any, Any]]:
+        """One graph call for every request in `calls`, each a row of the batch with its own cache
+        length and window; their caches must be rows of one `KVSlots` buffer unless there is one
+        call. Returns, per call, logits [len(rows), vocab] and the window's keys/values
+        [1, ..., n, head_dim]. The caches themselves are not changed. The returned arrays may be
+        the engine's own buffers: valid until its next call."""
 
 
-def window_feed(xp: ModuleType, ids, cache: KVCache, rows, positions, ones) -> dict[str, Any]:
-    """The graph inputs of one call (ids already [1, n] on the engine's side). `positions` and
-    `ones` are per-engine constants [1, max_positions] sliced here instead of built per call."""
-    start, n = cache.length, ids.shape[1]
-    return {
-        "input_ids": ids,
-        "position_ids": positions[:, start : start + n],
-        "attention_mask": ones[:, : start + n],
-        "past_kv": cache.buffer,
-        "logit_rows": positions[0, :n] if rows is None else xp.asarray(rows, dtype=np.int64),
-    }
+def batch_feed(xp: ModuleType, calls: Sequence[EngineCall], arange) -> tuple[dict[str, Any], list[int]]:
+    """The graph inputs of one exact-size call (window: the longest in the batch, past: the longest
+    cache; each row's padding and the cache positions it lacks masked), and each call's logit-row
+    count. `arange` is a per-engine constant [max_positions] sliced instead of built per call.
+    One call is fed exactly as it comes: no padding, no mask to build."""
+    if len(calls) == 1:
+        (call,) = calls
+        start, n = call.cache.length, call.ids.shape[-1]
+        return {
+            "input_ids": xp.asarray(call.ids).reshape(1, n),
+            "position_ids": arange[None, start : start + n],
+            "attention_mask": xp.ones((1, start + n), dtype=np.int64),
+            "past_kv": call.cache.buffer,
+            "logit_rows": arange[:n] if call.rows is None else xp.asarray(call.rows, dtype=np.int64),
+        }, [n if call.rows is None else len(call.rows)]
+    lengths = [call.ids.shape[-1] for call in calls]
+    window, past = max(lengths), max(call.cache.length for call in calls)
+    ids = xp.zeros((len(calls), window), dtype=np.int64)
+    positions = xp.zeros((len(calls), window), dtype=np.int64)
+    mask = xp.zeros((len(calls), past + window), dtype=np.int64)
+    rows, counts = [], []
+    for r, (call, n) in enumerate(zip(calls, lengths)):
+        start = call.cache.length
+        ids[r, :n] = call.ids
+        positions[r, :n] = arange[start : start + n]
+        mask[r, :start] = 1
+        mask[r, past : past + n] = 1
+        own = np.arange(n, dtype=np.int64) if call.rows is None else np.asarray(call.rows, dtype=np.int64)
+        rows.append(own + r * window)  # rows index the batch's windows flattened
+        counts.append(len(own))
+    feed = {"input_ids": ids, "position_ids": positions, "attention_mask": mask,
+            "past_kv": stacked_past([call.cache for call in calls], past),
+            "logit_rows": xp.asarray(np.concatenate(rows))}
+    return feed, counts
+
+
+def split_outputs(calls: Sequence[EngineCall], counts: Sequence[int], logits, new_kv) -> list[tuple[Any, Any]]:
+    """Each call's logit rows and the keys/values of its real window positions."""
+    out, offset = [], 0
+    for r, (call, count) in enumerate(zip(calls, counts)):
+        out.append((logits[offset : offset + count], new_kv[r : r + 1, ..., : call.ids.shape[-1], :]))
+        offset += count
+    return out
 
 
 def ort_session_options(threads: int | None, options: dict[str, Any] | None):
@@ -130,29 +176,27 @@ class OrtCpuDecoder:
                                             providers=["CPUExecutionProvider"])
         self.spec, self.xp = spec, xp
         self.kv_dtype = np.dtype(NUMPY_DTYPES[spec.kv_dtype])
-        self._positions = np.arange(spec.max_positions, dtype=np.int64)[None]
-        self._ones = np.ones((1, spec.max_positions), dtype=np.int64)
+        self._arange = np.arange(spec.max_positions, dtype=np.int64)
         self._padded: dict[FixedShape, PaddedInputs] | None = {} if fixed_shapes else None
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype)
 
-    def run(self, ids, cache: KVCache, rows=None):
-        ids = to_host(ids).reshape(1, -1)
-        rows = None if rows is None else to_host(rows)
-        if self._padded is None:
-            feed = window_feed(np, ids, cache, rows, self._positions, self._ones)
-            logits, new_kv = self.session.run(["logits", "new_kv"], feed)
-            logits = logits[0]
-        else:
-            logits, new_kv = self._run_padded(ids, cache, rows)
-        return (logits if self.xp is np else self.xp.asarray(logits)), new_kv
+    def new_slots(self, slots: int, capacity: int) -> KVSlots:
+        return KVSlots(slots, capacity, self.spec.kv_dims, self.kv_dtype)
 
-    def _run_padded(self, ids: np.ndarray, cache: KVCache, rows: np.ndarray | None):
-        shape = FixedShape.for_call(ids.shape[1], rows, cache.capacity)
-        if shape not in self._padded:
-            self._padded[shape] = PaddedInputs(np, shape, self.spec.kv_dims, self.kv_dtype, self.spec.max_positions)
-        inputs = self._padded[shape]
-        n, count = inputs.write(ids, cache, rows)
-        logits, new_kv = self.session.run(["logits", "new_kv"], inputs.arrays)
-        return logits[0, :count], new_kv[..., :n, :]
+    def run(self, calls: Sequence[EngineCall]) -> list[tuple[Any, Any]]:
+        calls = [EngineCall(to_host(c.ids), c.cache, None if c.rows is None else to_host(c.rows)) for c in calls]
+        if self._padded is None:
+            feed, counts = batch_feed(np, calls, self._arange)
+            logits, new_kv = self.session.run(["logits", "new_kv"], feed)
+        else:
+            shape = FixedShape.for_calls(calls)
+            if shape not in self._padded:
+                self._padded[shape] = PaddedInputs(np, shape, self.spec.kv_dims, self.kv_dtype, self.spec.max_positions)
+            inputs = self._padded[shape]
+            counts = inputs.write(calls)
+            logits, new_kv = self.session.run(["logits", "new_kv"], inputs.arrays)
+        if self.xp is not np:
+            logits = self.xp.asarray(logits)
+        return split_outputs(calls, counts, logits, new_kv)

@@ -1,11 +1,17 @@
-"""A preallocated KV cache: one buffer per request, cropped and extended by changing a length.
+"""Preallocated KV caches: cropped and extended by changing a length, never reallocated.
 
-Layout matches the graphs' `past_kv` / `new_kv`: [layers, 2, batch, kv_heads, time, head_dim].
-The engines take the whole buffer and read only its first `length` positions (the graph learns
-that length from the attention mask), so nothing is copied or sliced on the way in.
+Layout matches the graphs' `past_kv` / `new_kv`: [batch, layers, 2, kv_heads, time, head_dim].
+A request decoding alone owns a `KVCache` with a buffer of batch 1. Requests decoded together
+(`scheduler.py`) each get a row of a `KVSlots` buffer, one per model, which holds a row per slot:
+the rows of the requests in slots 0..b-1 are one contiguous block, handed to an engine as it is.
+The engines read only the first `length` positions of a row (the graph learns each row's length
+from the attention mask), so nothing is copied or sliced on the way in.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
 
 import numpy as np
 
@@ -14,12 +20,15 @@ class KVCache:
     def __init__(self, capacity: int, layers: int, kv_heads: int, head_dim: int, dtype: np.dtype, xp=np) -> None:
         # zeros, not empty: pages never written stay unallocated. At least one position, so that
         # even an empty cache has a real address to hand to an engine.
-        self.buffer = xp.zeros((layers, 2, 1, kv_heads, max(capacity, 1), head_dim), dtype=dtype)
+        self.buffer = xp.zeros((1, layers, 2, kv_heads, max(capacity, 1), head_dim), dtype=dtype)
         self._capacity = capacity
         self.length = 0
+        self.slots: KVSlots | None = None  # the shared buffer this cache is a row of, if any
+        self.slot = 0
 
     @property
     def capacity(self) -> int:
+        """Positions this cache may hold (a slot's row may be longer: it is sized for any request)."""
         return self._capacity
 
     def crop(self, length: int) -> None:
@@ -28,9 +37,56 @@ class KVCache:
         self.length = length
 
     def append(self, new_kv, count: int | None = None) -> None:
-        """Write the first `count` (default: all) positions of `new_kv` after the cached ones."""
+        """Write the first `count` (default: all) positions of `new_kv` [1, ..., n, head_dim] after
+        the cached ones."""
         count = new_kv.shape[-2] if count is None else count
         if self.length + count > self.capacity:
             raise ValueError(f"cache of capacity {self.capacity} cannot take {count} more after {self.length}")
         self.buffer[..., self.length : self.length + count, :] = new_kv[..., :count, :]
         self.length += count
+
+
+class KVSlots:
+    """One model's cache buffer for a batch: [slots, layers, 2, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, slots: int, capacity: int, kv_dims: tuple[int, int, int], dtype: np.dtype,
+                 xp: ModuleType = np) -> None:
+        layers, kv_heads, head_dim = kv_dims
+        shape = (slots, layers, 2, kv_heads, max(capacity, 1), head_dim)
+        self.xp = xp
+        self.buffer = xp.zeros(shape, dtype=dtype)
+        # Where the rows of a call whose requests are not in consecutive slots are gathered (the
+        # verifier's later chunks, which only the requests without a rejection yet make).
+        self.gathered = xp.zeros(shape, dtype=dtype)
+        self.capacity = capacity
+
+    def cache(self, slot: int, capacity: int) -> KVCache:
+        """A cache on row `slot`, holding at most `capacity` positions."""
+        if capacity > self.capacity:
+            raise ValueError(f"a cache of {capacity} positions does not fit a slot of {self.capacity}")
+        cache = KVCache.__new__(KVCache)
+        cache.buffer, cache._capacity, cache.length = self.buffer[slot : slot + 1], capacity, 0
+        cache.slots, cache.slot = self, slot
+        return cache
+
+    def move(self, cache: KVCache, slot: int) -> None:
+        """Move `cache` (a row of this buffer) to row `slot`, which must be free."""
+        self.buffer[slot, ..., : cache.length, :] = self.buffer[cache.slot, ..., : cache.length, :]
+        cache.buffer, cache.slot = self.buffer[slot : slot + 1], slot
+
+
+def stacked_past(caches: Sequence[KVCache], past_len: int):
+    """The caches of one call as one [batch, ...] buffer whose first `past_len` positions per row
+    are each cache's (and whatever follows, masked): for one cache its own buffer, for rows of
+    consecutive slots of one KVSlots a view of them; otherwise their rows gathered."""
+    first = caches[0]
+    if len(caches) == 1:
+        return first.buffer
+    slots = first.slots
+    if slots is None or any(c.slots is not slots for c in caches):
+        raise ValueError("caches decoded together must be rows of one KVSlots buffer")
+    if all(c.slot == first.slot + i for i, c in enumerate(caches)):
+        return slots.buffer[first.slot : first.slot + len(caches)]
+    for i, cache in enumerate(caches):
+        slots.gathered[i, ..., : cache.length, :] = slots.buffer[cache.slot, ..., : cache.length, :]
+    return slots.gathered[: len(caches)]

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from apd_deploy.runtime.arrays import to_host
 from apd_deploy.runtime.canvas import Canvas, Decoder, Step, WindowedDLLM
-from apd_deploy.runtime.engine import DecoderEngine
 
 
-def leftright(canvas: Canvas, dllm: DecoderEngine, tokens_per_step: int, kv_window: int, max_lookahead: int) -> Decoder:
+def leftright(canvas: Canvas, tokens_per_step: int, kv_window: int, max_lookahead: int) -> Decoder:
     x, end = canvas.x, len(canvas.x)
-    window = WindowedDLLM(dllm, canvas, kv_window)
+    window = WindowedDLLM(canvas, kv_window)
     curr = canvas.prompt_len
     while curr < end:
         right = min(curr + max_lookahead, end)
         count = min(tokens_per_step, right - curr)
-        tokens = to_host(canvas.sampler.sample(window.predict(curr, right, count)))
+        tokens = to_host(canvas.sampler.sample((yield from window.predict(curr, right, count))))
         x[curr : curr + count] = tokens
         window.advance(curr)
         curr += count

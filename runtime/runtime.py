@@ -8,11 +8,10 @@ threads may generate on one runtime at the same time.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,51 +19,19 @@ from apd_deploy.bundle import VERIFY_MODES, read_manifest, verify_files
 from apd_deploy.errors import BundleError, GenerationError
 from apd_deploy.runtime.apd import apd
 from apd_deploy.runtime.autoregressive import autoregressive
-from apd_deploy.runtime.canvas import Canvas, Decoder
+from apd_deploy.runtime.canvas import Canvas, Decoder, Step
 from apd_deploy.runtime.diffusion import diffusion
 from apd_deploy.runtime.arrays import array_module, synchronize
 from apd_deploy.runtime.engine import DecoderEngine, DecoderSpec, OrtCpuDecoder
+from apd_deploy.runtime.kv_cache import KVCache
 from apd_deploy.runtime.leftright import leftright
 from apd_deploy.runtime.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, check_integer
+from apd_deploy.runtime.results import Chunk, Generation, GenerationResult, Progress
 from apd_deploy.runtime.sampling import Sampler, SamplingParams
-from apd_deploy.runtime.tokenizer import BundleTokenizer, TextStream
+from apd_deploy.runtime.tokenizer import BundleTokenizer
 
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]  # the generated part only, up to and including the first EOS
-    text: str | None
-    steps: int
-    accepted_per_step: list[int]
-    dllm_forwards: int
-    verifier_forwards: int
-    seconds: float
-    tokens_per_second: float
-    seed: int | None = None  # the seed used, to reproduce a sampled (T > 0) generation
-    dllm_seconds: float = 0.0  # time inside the dLLM engine; the rest of `seconds` minus
-    verifier_seconds: float = 0.0  # the verifier's is host logic (sampling, mixture, acceptance, caches)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Chunk:
-    """Tokens committed by one step, and the text they add (None without a tokenizer)."""
-
-    token_ids: list[int]
-    text: str | None
-
-
-@dataclass
-class Generation:
-    """Iterate for the chunks as they are committed; `result` is set once iteration ends."""
-
-    _chunks: Iterator[Chunk]
-    result: GenerationResult | None = field(default=None)
-
-    def __iter__(self) -> Iterator[Chunk]:
-        return self._chunks
+if TYPE_CHECKING:
+    from apd_deploy.runtime.scheduler import Scheduler
 
 
 class Runtime:
@@ -165,6 +132,17 @@ class Runtime:
             raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         return np.asarray(ids, dtype=np.int64)
 
+    def request(self, prompt: str | Sequence[int], chat: bool, params: dict[str, Any]) -> tuple[np.ndarray, GenerationParams]:
+        """A request's prompt ids and settled parameters, checked: GenerationError names what is wrong."""
+        ids = self.prompt_ids(prompt, chat)
+        return ids, self.fit(self.params(**params), len(ids))
+
+    def start(self, ids: np.ndarray, p: GenerationParams, new_cache: Callable[[str, int], KVCache]) -> tuple[Canvas, Decoder]:
+        """A request's canvas and decoder, its caches made by `new_cache(role, capacity)`."""
+        sampler = Sampler(p.sampling, self.vocab_size, self.xp)
+        canvas = Canvas.start(ids, p.max_new_tokens, self.mask_id, self.vocab_size, sampler, new_cache)
+        return canvas, self._decoder(canvas, p)
+
     def generate(self, prompt: str | Sequence[int], chat: bool = False, **params: Any) -> GenerationResult:
         # No chunk texts: the whole text is decoded once at the end.
         stream = self._start(prompt, chat, params, chunk_text=False)
@@ -176,60 +154,67 @@ class Runtime:
         """Like `generate`, but iterate the returned object for each step's committed chunk."""
         return self._start(prompt, chat, params, chunk_text=True)
 
+    def scheduler(self, max_batch: int = 8, max_queue: int = 256, max_seq_len: int | None = None) -> Scheduler:
+        """A batched scheduler on this runtime (see `scheduler.py`): `submit` requests from any
+        thread; up to `max_batch` decode together, up to `max_queue` wait for a slot. Each slot holds
+        a request of up to `max_seq_len` positions (default: the models'). Close it when done
+        (or use it as a context manager)."""
+        from apd_deploy.runtime.scheduler import Scheduler
+
+        return Scheduler(self, max_batch, max_queue, max_seq_len)
+
+    def generate_many(self, prompts: Sequence[str | Sequence[int]], chat: bool = False, max_batch: int = 8,
+                      **params: Any) -> list[GenerationResult]:
+        """Generate for every prompt, up to `max_batch` decoding together; results in prompt order.
+        The same parameters for every prompt (a seed, if given, for each): for per-request
+        parameters submit to a `scheduler()`. At temperature 0 each result's tokens are those of
+        `generate` on its prompt alone."""
+        requests = [self.request(prompt, chat, dict(params)) for prompt in prompts]  # every prompt checked first
+        if not requests:
+            return []
+        longest = max(len(ids) + p.max_new_tokens for ids, p in requests)
+        with self.scheduler(max_batch, max_queue=len(requests), max_seq_len=longest) as scheduler:
+            handles = [scheduler.submit_prepared(ids, p, chunk_text=False) for ids, p in requests]
+            return [handle.result() for handle in handles]
+
     def _start(self, prompt: str | Sequence[int], chat: bool, params: dict[str, Any], chunk_text: bool) -> Generation:
-        ids = self.prompt_ids(prompt, chat)
-        p = self.fit(self.params(**params), len(ids))
-        sampler = Sampler(p.sampling, self.vocab_size, self.xp)
-        canvas = Canvas.start(ids, p.max_new_tokens, self.mask_id, self.vocab_size, sampler)
-        if self.time_engine_calls:
-            canvas.synchronize = partial(synchronize, self.xp)
+        ids, p = self.request(prompt, chat, params)
+        engines = {"dllm": self.dllm, "verifier": self.verifier}
+        canvas, decoder = self.start(ids, p, lambda role, capacity: engines[role].new_cache(capacity))
         generation = Generation(iter(()))
-        generation._chunks = self._run(self._decoder(canvas, p), canvas, generation, chunk_text)
+        generation._chunks = self._run(decoder, canvas, generation, chunk_text)
         return generation
 
     def _decoder(self, canvas: Canvas, p: GenerationParams) -> Decoder:
         if p.alg == "apd":
-            return apd(canvas, self.dllm, self.verifier, p.apd_mixture_weight, p.kv_window, p.max_lookahead)
+            return apd(canvas, p.apd_mixture_weight, p.kv_window, p.max_lookahead, self.verifier.first_verify_chunk)
         if p.alg == "leftright":
-            return leftright(canvas, self.dllm, p.tokens_per_step, p.kv_window, p.max_lookahead)
+            return leftright(canvas, p.tokens_per_step, p.kv_window, p.max_lookahead)
         if p.alg == "diffusion":
-            return diffusion(canvas, self.dllm, p.steps or p.max_new_tokens, p.diffusion_order)
-        return autoregressive(canvas, self.verifier)
+            return diffusion(canvas, p.steps or p.max_new_tokens, p.diffusion_order)
+        return autoregressive(canvas)
 
     def _run(self, decoder: Decoder, canvas: Canvas, generation: Generation, chunk_text: bool) -> Iterator[Chunk]:
-        started = time.perf_counter()
-        generated: list[int] = []
-        decided: list[np.ndarray] = []  # the canvas positions each step decided
-        pieces = TextStream(self.tokenizer) if chunk_text and self.tokenizer is not None else None
-        for step in decoder:
-            start = canvas.prompt_len + len(generated)
-            decided.append(step.positions if step.positions is not None else np.arange(start, start + step.committed))
-            tokens = step.tokens.tolist()
-            eos_at = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
-            if eos_at is not None:
-                tokens = tokens[: eos_at + 1]
-            generated += tokens
-            yield Chunk(tokens, pieces.push(tokens) if pieces is not None and tokens else None)
-            if eos_at is not None:
+        """Decode alone: each engine call the decoder asks for is made at once, batch 1."""
+        progress = Progress(canvas, self.eos_ids, self.tokenizer, chunk_text)
+        engines = {"dllm": self.dllm, "verifier": self.verifier}
+        reply = None
+        while not progress.stopped:
+            try:
+                item = decoder.send(reply)
+            except StopIteration:
                 break
-        seconds = time.perf_counter() - started
-        # Positions past the first EOS are not returned, so a step is credited only with those
-        # before it (diffusion may have decided them many steps before the EOS appeared).
-        end = canvas.prompt_len + len(generated)
-        accepted = [int((positions < end).sum()) for positions in decided]
-        generation.result = GenerationResult(
-            token_ids=generated,
-            text=self.tokenizer.decode(generated) if self.tokenizer is not None else None,
-            steps=len(accepted),
-            accepted_per_step=accepted,
-            dllm_forwards=canvas.forwards["dllm"],
-            verifier_forwards=canvas.forwards["verifier"],
-            seconds=seconds,
-            tokens_per_second=len(generated) / seconds if seconds > 0 else 0.0,
-            seed=canvas.sampler.seed if not canvas.sampler.params.greedy else None,
-            dllm_seconds=canvas.engine_seconds["dllm"],
-            verifier_seconds=canvas.engine_seconds["verifier"],
-        )
+            if isinstance(item, Step):
+                reply = None
+                yield progress.push(item)
+                continue
+            started = time.perf_counter()
+            (reply,) = engines[item.role].run([item.call])
+            if self.time_engine_calls:  # a GPU call returns before its work is done
+                synchronize(self.xp)
+            canvas.engine_seconds[item.role] += time.perf_counter() - started
+        decoder.close()
+        generation.result = progress.result()
 
 
 def _engine_record(bundle: Path, manifest: dict[str, Any], engine: str | None) -> dict[str, Any] | None:

@@ -7,14 +7,16 @@ manifest's record of both is checked before the engine is deserialized.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from apd_deploy.errors import BundleError, EngineMismatch, GenerationError
-from apd_deploy.runtime.engine import DecoderSpec, window_feed
-from apd_deploy.runtime.kv_cache import KVCache
+from apd_deploy.runtime.arrays import to_host
+from apd_deploy.runtime.engine import DecoderSpec, EngineCall, batch_feed, split_outputs
+from apd_deploy.runtime.kv_cache import KVCache, KVSlots
 
 # bf16 has no numpy/cupy dtype; the runtime only copies the cache, so 16-bit storage carries it.
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
@@ -35,15 +37,22 @@ def check_engine_record(name: str, record: dict[str, Any], tensorrt_version: str
         )
 
 
-def select_profile(profiles: list[dict[str, Any]], seq_len: int, past_len: int, logit_len: int) -> int:
-    """Index of the first optimisation profile whose window, past and logit-row ranges hold this call."""
+def select_profile(profiles: list[dict[str, Any]], batch: int, seq_len: int, past_len: int, logit_len: int) -> int:
+    """Index of the first optimisation profile whose batch, window, past and logit-row ranges hold this call."""
     def holds(profile: dict[str, Any]) -> bool:
         return all(profile[key][0] <= value <= profile[key][2]
-                   for key, value in (("seq_len", seq_len), ("past_len", past_len), ("logit_len", logit_len)))
+                   for key, value in (("batch", batch), ("seq_len", seq_len), ("past_len", past_len),
+                                      ("logit_len", logit_len)))
 
     for index, profile in enumerate(profiles):
         if holds(profile):
             return index
+    most_batch = max(p["batch"][2] for p in profiles)
+    if batch > most_batch:
+        raise GenerationError(
+            f"a call batches {batch} requests; the engine was built for at most {most_batch}; rebuild it with "
+            f"--max-batch {batch} or more, or run with a smaller --max-batch"
+        )
     most_rows = max(p["logit_len"][2] for p in profiles)
     if logit_len > most_rows:
         raise GenerationError(
@@ -84,29 +93,33 @@ class TensorRTDecoder:
             context.set_optimization_profile_async(index, self.stream.ptr)
             self.contexts.append(context)
         self.stream.synchronize()
-        self._positions = cupy.arange(spec.max_positions, dtype=np.int64)[None]
-        self._ones = cupy.ones((1, spec.max_positions), dtype=np.int64)
+        self._arange = cupy.arange(spec.max_positions, dtype=np.int64)
         self._lock = threading.Lock()
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype, xp=self.xp)
 
-    def run(self, ids, cache: KVCache, rows=None):
+    def new_slots(self, slots: int, capacity: int) -> KVSlots:
+        return KVSlots(slots, capacity, self.spec.kv_dims, self.kv_dtype, xp=self.xp)
+
+    def run(self, calls: Sequence[EngineCall]) -> list[tuple[Any, Any]]:
         cupy = self.xp
         with self._lock, self.stream:
-            ids = cupy.asarray(ids, dtype=np.int64).reshape(1, -1)
-            start, n = cache.length, ids.shape[1]
-            rows_asked = n if rows is None else len(rows)
-            context = self.contexts[select_profile(self.profiles, n, start, rows_asked)]
-            inputs = {name: cupy.ascontiguousarray(array)
-                      for name, array in window_feed(cupy, ids, cache, rows, self._positions, self._ones).items()}
-            logits = cupy.empty((1, len(inputs["logit_rows"]), self.spec.vocab_size), dtype=np.float32)
-            new_kv = cupy.empty(self.spec.new_kv_shape(n), dtype=self.kv_dtype)
+            calls = [EngineCall(cupy.asarray(c.ids, dtype=np.int64).reshape(-1), c.cache,
+                                None if c.rows is None else to_host(c.rows)) for c in calls]
+            feed, counts = batch_feed(cupy, calls, self._arange)
+            batch, window = feed["input_ids"].shape
+            past = feed["attention_mask"].shape[1] - window
+            context = self.contexts[select_profile(self.profiles, batch, window, past, sum(counts))]
+            inputs = {name: cupy.ascontiguousarray(array) for name, array in feed.items()}
+            logits = cupy.empty((sum(counts), self.spec.vocab_size), dtype=np.float32)
+            new_kv = cupy.empty(self.spec.new_kv_shape(batch, window), dtype=self.kv_dtype)
             for tensor_name, array in inputs.items():
                 context.set_input_shape(tensor_name, tuple(array.shape))
             for tensor_name, array in {**inputs, "logits": logits, "new_kv": new_kv}.items():
                 context.set_tensor_address(tensor_name, array.data.ptr)
             if not context.execute_async_v3(self.stream.ptr):
-                raise RuntimeError(f"TensorRT failed to run a window of {n} tokens after {start} cached ones")
+                raise RuntimeError(f"TensorRT failed to run a batch of {batch} windows of up to {window} tokens "
+                                   f"after up to {past} cached ones")
             self.stream.synchronize()
-        return logits[0], new_kv
+        return split_outputs(calls, counts, logits, new_kv)

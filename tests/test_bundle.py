@@ -60,10 +60,13 @@ def test_missing_file_is_detected(bundle_copy):
 def test_other_versions_and_shapes_are_refused(bundle_copy, tmp_path):
     with pytest.raises(BundleError, match="no manifest.json"):
         read_manifest(tmp_path)
-    _edit_manifest(bundle_copy, version=2)
-    with pytest.raises(BundleError, match="field 'version' is 2"):
+    _edit_manifest(bundle_copy, version=1)  # a bundle from before batching: the message names the fix
+    with pytest.raises(BundleError, match=r"field 'version' is 1, this apd-deploy reads version 2 .*apd-deploy export"):
         read_manifest(bundle_copy)
-    _edit_manifest(bundle_copy, version=1, apd_defaults={"apd_mixture_weight": 1.5, "kv_window": 16, "max_lookahead": 100})
+    _edit_manifest(bundle_copy, version=3)
+    with pytest.raises(BundleError, match="field 'version' is 3"):
+        read_manifest(bundle_copy)
+    _edit_manifest(bundle_copy, version=2, apd_defaults={"apd_mixture_weight": 1.5, "kv_window": 16, "max_lookahead": 100})
     with pytest.raises(BundleError, match="apd_defaults/apd_mixture_weight"):
         read_manifest(bundle_copy)
 

@@ -1,0 +1,109 @@
+"""What a request yields: its chunks as steps commit them, and its result at the end.
+
+`Progress` turns one request's decoding steps into chunks and a `GenerationResult`; the same
+code serves a request decoded alone (`Runtime.generate`) and one decoded in a batch
+(`scheduler.py`), so both report alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from apd_deploy.runtime.canvas import Canvas, Step
+from apd_deploy.runtime.tokenizer import BundleTokenizer, TextStream
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # the generated part only, up to and including the first EOS
+    text: str | None
+    steps: int
+    accepted_per_step: list[int]
+    dllm_forwards: int
+    verifier_forwards: int
+    seconds: float  # from the request's arrival (a batched request's includes its wait for a slot)
+    tokens_per_second: float
+    seed: int | None = None  # the seed used, to reproduce a sampled (T > 0) generation
+    dllm_seconds: float = 0.0  # time inside the dLLM engine (a batched call counts for each request in it);
+    verifier_seconds: float = 0.0  # the rest of `seconds` less the verifier's is host logic and waiting
+    finish_reason: str = "length"  # 'stop' (an EOS), 'length' (max new tokens) or 'cancelled'
+    first_chunk_seconds: float | None = None  # from arrival to the first committed tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Chunk:
+    """Tokens committed by one step, and the text they add (None without a tokenizer)."""
+
+    token_ids: list[int]
+    text: str | None
+
+
+@dataclass
+class Generation:
+    """Iterate for the chunks as they are committed; `result` is set once iteration ends."""
+
+    _chunks: Iterator[Chunk]
+    result: GenerationResult | None = field(default=None)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self._chunks
+
+
+class Progress:
+    """One request's generation so far: tokens up to the first EOS, and what each step decided."""
+
+    def __init__(self, canvas: Canvas, eos_ids: frozenset[int], tokenizer: BundleTokenizer | None,
+                 chunk_text: bool, arrived: float | None = None) -> None:
+        self.canvas, self.eos_ids, self.tokenizer = canvas, eos_ids, tokenizer
+        self.arrived = time.perf_counter() if arrived is None else arrived
+        self.generated: list[int] = []
+        self.decided: list[np.ndarray] = []  # the canvas positions each step decided
+        self.pieces = TextStream(tokenizer) if chunk_text and tokenizer is not None else None
+        self.stopped = False  # an EOS was generated: nothing after it is returned
+        self.first_chunk_seconds: float | None = None
+
+    def push(self, step: Step) -> Chunk:
+        start = self.canvas.prompt_len + len(self.generated)
+        self.decided.append(step.positions if step.positions is not None else np.arange(start, start + step.committed))
+        tokens = step.tokens.tolist()
+        eos_at = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        if eos_at is not None:
+            tokens = tokens[: eos_at + 1]
+            self.stopped = True
+        self.generated += tokens
+        if tokens and self.first_chunk_seconds is None:
+            self.first_chunk_seconds = time.perf_counter() - self.arrived
+        return Chunk(tokens, self.pieces.push(tokens) if self.pieces is not None and tokens else None)
+
+    def result(self, cancelled: bool = False) -> GenerationResult:
+        seconds = time.perf_counter() - self.arrived
+        canvas, generated = self.canvas, self.generated
+        # Positions past the first EOS are not returned, so a step is credited only with those
+        # before it (diffusion may have decided them many steps before the EOS appeared).
+        end = canvas.prompt_len + len(generated)
+        accepted = [int((positions < end).sum()) for positions in self.decided]
+        return GenerationResult(
+            token_ids=generated,
+            text=self.tokenizer.decode(generated) if self.tokenizer is not None else None,
+            steps=len(accepted),
+            accepted_per_step=accepted,
+            dllm_forwards=canvas.forwards["dllm"],
+            verifier_forwards=canvas.forwards["verifier"],
+            seconds=seconds,
+            tokens_per_second=len(generated) / seconds if seconds > 0 else 0.0,
+            seed=canvas.sampler.seed if not canvas.sampler.params.greedy else None,
+            dllm_seconds=canvas.engine_seconds["dllm"],
+            verifier_seconds=canvas.engine_seconds["verifier"],
+            finish_reason="cancelled" if cancelled else "stop" if self.stopped else "length",
+            first_chunk_seconds=self.first_chunk_seconds,
+        )

@@ -1,0 +1,305 @@
+"""Continuous batching: many requests advanced together, one step each per iteration.
+
+Each decoder (apd.py, leftright.py, ...) is a generator that yields the engine calls it needs and
+the steps it commits. A request decoding alone has each call made at once (`Runtime.generate`);
+here the scheduler runs up to `max_batch` decoders side by side and makes their calls together:
+
+    iteration: every active request takes one step
+        round: advance each request that is waiting for nothing until it yields a call or a step
+               one batched call per model for the calls yielded (each row its own window, cache
+               length and logit rows), results handed back
+        ... until every request has yielded its step (APD: a dLLM round, then verifier rounds
+            that only the requests whose draft has no rejection yet take part in)
+    requests that ended (EOS, max new tokens, cancelled, failed) leave; queued ones take their slots
+
+Each request keeps its own parameters, sampler and random generator, so its tokens do not
+depend on what else is in the batch. Caches: one buffer per model with a row per slot
+(`KVSlots`); the active requests hold slots 0..n-1, so the rows of a call that every request
+makes are one contiguous block; when a request leaves, the last one moves into its slot.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from apd_deploy.errors import GenerationError
+from apd_deploy.runtime.canvas import Call, Canvas, Decoder, Step
+from apd_deploy.runtime.kv_cache import KVCache
+from apd_deploy.runtime.params import GenerationParams, check_integer
+from apd_deploy.runtime.results import Chunk, GenerationResult, Progress
+
+if TYPE_CHECKING:
+    from apd_deploy.runtime.runtime import Runtime
+
+ROLES = ("dllm", "verifier")
+
+
+class QueueFull(GenerationError):
+    """The scheduler's queue holds `max_queue` requests: retry later."""
+
+
+class SchedulerClosed(GenerationError):
+    """The scheduler was closed and takes no more requests."""
+
+
+_END = object()  # closes a handle's chunk queue
+
+
+class RequestHandle:
+    """A submitted request: iterate for its chunks as steps commit them (blocking), `result()`
+    for the whole generation, `cancel()` to stop it. Safe to use from any thread."""
+
+    def __init__(self, request_id: int) -> None:
+        self.id = request_id
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._result: GenerationResult | None = None
+        self._error: BaseException | None = None
+        self._cancel = threading.Event()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while (chunk := self._chunks.get()) is not _END:
+            yield chunk
+        if self._error is not None:
+            raise self._error
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """The finished generation (its `finish_reason` is 'cancelled' after `cancel()`); raises
+        the error that ended the request, or TimeoutError after `timeout` seconds."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop the request at its next step; its slot and cache rows go to the next request."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _push(self, chunk: Chunk) -> None:
+        self._chunks.put(chunk)
+
+    def _finish(self, result: GenerationResult | None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+        self._chunks.put(_END)
+
+
+class Active:
+    """A request holding a slot: its decoder, where it stands, and the caches it was given."""
+
+    def __init__(self, handle: RequestHandle, ids: np.ndarray, params: GenerationParams, chunk_text: bool,
+                 arrived: float) -> None:
+        self.handle, self.ids, self.params, self.chunk_text, self.arrived = handle, ids, params, chunk_text, arrived
+        self.slot = -1
+        self.caches: list[KVCache] = []
+        self.canvas: Canvas | None = None
+        self.decoder: Decoder | None = None
+        self.progress: Progress | None = None
+        self.reply: Any = None  # what the decoder is resumed with: an engine call's result
+        self.finished = False
+
+
+class Scheduler:
+    def __init__(self, runtime: Runtime, max_batch: int = 8, max_queue: int = 256, max_seq_len: int | None = None) -> None:
+        check_integer("max_batch", max_batch, 1)
+        check_integer("max_queue", max_queue, 1)
+        if max_seq_len is not None:
+            check_integer("max_seq_len", max_seq_len, 2, runtime.max_positions)
+        self.runtime, self.max_batch, self.max_queue = runtime, max_batch, max_queue
+        self.max_seq_len = max_seq_len or runtime.max_positions
+        self.engines = {"dllm": runtime.dllm, "verifier": runtime.verifier}
+        self.slots = {role: engine.new_slots(max_batch, self.max_seq_len) for role, engine in self.engines.items()}
+        self._queue: deque[Active] = deque()
+        self._active: list[Active] = []  # index = slot
+        self._wake = threading.Condition()
+        self._closed = False
+        self._next_id = 0
+        # Counters a server reports: iterations run and the requests in each.
+        self.iterations = 0
+        self.batch_sizes: dict[int, int] = defaultdict(int)
+        self._thread = threading.Thread(target=self._loop, name="apd-scheduler", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def submit(self, prompt: str | Sequence[int], chat: bool = False, chunk_text: bool = True,
+               **params: Any) -> RequestHandle:
+        """Queue a request (parameters as `Runtime.generate`); raises GenerationError for bad
+        parameters, QueueFull when `max_queue` requests wait already."""
+        ids, p = self.runtime.request(prompt, chat, params)
+        return self.submit_prepared(ids, p, chunk_text)
+
+    def submit_prepared(self, ids: np.ndarray, params: GenerationParams, chunk_text: bool = True) -> RequestHandle:
+        """Queue a request already checked by `Runtime.request`."""
+        if len(ids) + params.max_new_tokens > self.max_seq_len:
+            raise GenerationError(
+                f"prompt of {len(ids)} tokens + --max-new-tokens {params.max_new_tokens} exceeds the scheduler's "
+                f"{self.max_seq_len} positions per slot (max_seq_len); use --max-new-tokens "
+                f"{max(self.max_seq_len - len(ids), 0)} or less, or a scheduler with a larger max_seq_len"
+            )
+        arrived = time.perf_counter()
+        with self._wake:
+            if self._closed:
+                raise SchedulerClosed("the scheduler is closed and takes no more requests")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests wait for a slot); retry later, or "
+                                "make the scheduler with a larger max_queue")
+            handle = RequestHandle(self._next_id)
+            self._next_id += 1
+            self._queue.append(Active(handle, ids, params, chunk_text, arrived))
+            self._wake.notify()
+        return handle
+
+    def close(self, cancel: bool = False, timeout: float | None = None) -> None:
+        """Take no more requests, let the queued and active ones finish (or cancel them), and stop."""
+        with self._wake:
+            self._closed = True
+            if cancel:
+                for request in [*self._queue, *self._active]:
+                    request.handle.cancel()
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._active and not self._closed:
+                    self._wake.wait()
+                if self._closed and not self._queue and not self._active:
+                    return
+                self._admit()
+            try:
+                self._iterate()
+            except Exception as exc:  # a fault outside any one request's decoding: fail the batch, go on
+                for request in self._active:
+                    self._end(request, error=exc)
+                self._leave()
+
+    def _admit(self) -> None:
+        """Move queued requests into free slots (called holding the lock)."""
+        while self._queue and len(self._active) < self.max_batch:
+            request = self._queue.popleft()
+            request.slot = len(self._active)
+            self._active.append(request)
+
+    def _start(self, request: Active) -> None:
+        def new_cache(role: str, capacity: int) -> KVCache:
+            cache = self.slots[role].cache(request.slot, capacity)
+            request.caches.append(cache)
+            return cache
+
+        request.canvas, request.decoder = self.runtime.start(request.ids, request.params, new_cache)
+        request.progress = Progress(request.canvas, self.runtime.eos_ids, self.runtime.tokenizer,
+                                    request.chunk_text, request.arrived)
+
+    def _iterate(self) -> None:
+        """One step for every active request, their engine calls batched per model."""
+        self.iterations += 1
+        self.batch_sizes[len(self._active)] += 1
+        waiting = []
+        for request in self._active:
+            if request.decoder is None:
+                self._start(request)
+            if request.handle.cancelled:
+                self._end(request)
+                continue
+            request.reply = None
+            waiting.append(request)
+        while waiting:
+            calls: dict[str, list[tuple[Active, Call]]] = {role: [] for role in ROLES}
+            for request in waiting:
+                item = self._advance(request)
+                if isinstance(item, Call):
+                    calls[item.role].append((request, item))
+            waiting = []
+            for role, group in calls.items():
+                if group:
+                    waiting += self._run_batched(role, group)
+        self._leave()
+
+    def _advance(self, request: Active) -> Call | Step | None:
+        """Resume the request's decoder until it asks for a call or commits a step."""
+        try:
+            item = request.decoder.send(request.reply)
+        except StopIteration:
+            self._end(request)
+            return None
+        except Exception as exc:  # a fault in one request's decoding ends that request only
+            self._end(request, error=exc)
+            return None
+        if isinstance(item, Step):
+            request.handle._push(request.progress.push(item))
+            if request.progress.stopped:
+                self._end(request)
+        return item
+
+    def _run_batched(self, role: str, group: list[tuple[Active, Call]]) -> list[Active]:
+        group.sort(key=lambda pair: pair[0].slot)  # consecutive slots: one contiguous block of cache rows
+        started = time.perf_counter()
+        try:
+            outputs = self.engines[role].run([call.call for _, call in group])
+        except Exception as exc:  # the engine failed this call: its requests end with the error
+            for request, _ in group:
+                self._end(request, error=exc)
+            return []
+        elapsed = time.perf_counter() - started
+        for (request, _), output in zip(group, outputs):
+            request.canvas.engine_seconds[role] += elapsed
+            request.reply = output
+        return [request for request, _ in group]
+
+    def _end(self, request: Active, error: BaseException | None = None) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        if request.decoder is not None:
+            request.decoder.close()
+        if error is not None:
+            request.handle._finish(None, error)
+        else:
+            cancelled = request.handle.cancelled and not request.progress.stopped
+            request.handle._finish(request.progress.result(cancelled=cancelled))
+
+    def _leave(self) -> None:
+        """Free the slots of requests that ended: the last active request moves into each."""
+        with self._wake:
+            slot = 0
+            while slot < len(self._active):
+                if not self._active[slot].finished:
+                    slot += 1
+                    continue
+                last = self._active.pop()
+                if slot < len(self._active) and not last.finished:
+                    for cache in last.caches:
+                        cache.slots.move(cache, slot)
+                    last.slot = slot
+                    self._active[slot] = last
+                    slot += 1
