@@ -84,7 +84,7 @@ def _check_graph(source: CheckpointFiles, onnx_path: Path, dtype: str, expected:
         return {"status": "skipped", "reason": reason}
     cfg = source.config
     steps, tokens = _steps_and_tokens(cfg)
-    cache_shape = (cfg.num_hidden_layers, 2, parity.BATCH, cfg.num_key_value_heads, 0, cfg.head_dim)
+    cache_shape = (parity.BATCH, cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 0, cfg.head_dim)
     graph = parity.onnx_stepper(session, cache_shape, np.dtype(ONNX_ELEMENT_TYPES[dtype]))
     result = parity.compare(graph, expected, tokens, steps, dtype, reference_name, tolerance)
     if not result.passed:
