@@ -6,11 +6,13 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from apd_deploy import __version__
+from apd_deploy.bench.concurrency import parse_levels
 from apd_deploy.bench.runner import parse_sweeps
 from apd_deploy.bundle import VERIFY_MODES
 from apd_deploy.cli_options import (CONTEXT, TokenIds, apd_options, library_checked, sampling_options,
@@ -276,10 +278,12 @@ def build_engine_command(bundle: str, backend: str, device: str | None, precisio
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="Tokens per answer at most  [default: the task's]")
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
 @threads_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Problems decoded together (batched engine calls); the same answers at temperature 0.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per algorithm, one per line.")
 @user_errors
 def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: str | None, threads: int | None,
-                 as_json: bool, **params: Any) -> None:
+                 batch_size: int, as_json: bool, **params: Any) -> None:
     """Solve task problems with each algorithm; report accuracy, tokens per step, forwards, speed."""
     from apd_deploy.evaluation import format_table, plan, run
     from apd_deploy.runtime import Runtime
@@ -287,7 +291,7 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
     work = plan(runtime, task, split, n, algs, params)
     with click.progressbar(length=len(work.problems) * len(work.runs), label="solving", file=sys.stderr) as bar:
-        results = run(runtime, work, progress=lambda: bar.update(1))
+        results = run(runtime, work, progress=lambda: bar.update(1), batch_size=batch_size)
     if as_json:
         for result in results:
             click.echo(json.dumps(result.to_dict()))
@@ -297,8 +301,12 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
 
 @cli.command("bench", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
-@click.option("--algs", default="apd,leftright:1,ar", show_default=True, callback=library_checked(parse_algs),
-              help="Comma-separated, as for eval: leftright:K commits K tokens per step, diffusion:S takes S steps.")
+@click.option("--algs", callback=library_checked(parse_algs),
+              help="Comma-separated, as for eval: leftright:K commits K tokens per step, diffusion:S takes S steps  "
+                   "[default: apd,leftright:1,ar; with --concurrency: apd]")
+@click.option("--concurrency", "levels", callback=library_checked(parse_levels),
+              help="Instead: throughput against concurrent requests, e.g. 1,2,4,8,16 (each level through one "
+                   "batched scheduler with that max batch, plus the requests one by one alone).")
 @click.option("--sweep", "sweeps", multiple=True, callback=library_checked(lambda values: parse_sweeps(list(values))),
               help="APD parameter values, e.g. kv_window=4,16,64 (repeatable; apd_mixture_weight, kv_window, max_lookahead).")
 @click.option("--task", type=click.Choice(sorted(TASKS)), help="Prompts from a task's test problems (accuracy is measured).")
@@ -321,12 +329,13 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True,
               help="Directory for results.json, results.csv and the plots.")
 @user_errors
-def bench_command(bundle: str, algs: str, sweeps: tuple[str, ...], task: str | None, prompts_file: str | None,
-                  random_prompts: int | None, n: int, max_new_tokens: int | None, repeat: int, threads: int | None,
-                  engine: str | None, eager: bool, eager_device: str, step_profile: bool, out: str) -> None:
-    """Benchmark BUNDLE: tokens/s, accuracy, per-step time breakdown, ratio to PyTorch eager; JSON, CSV, PNG."""
-    from pathlib import Path
+def bench_command(bundle: str, algs: str | None, levels: str | None, sweeps: tuple[str, ...], task: str | None,
+                  prompts_file: str | None, random_prompts: int | None, n: int, max_new_tokens: int | None, repeat: int,
+                  threads: int | None, engine: str | None, eager: bool, eager_device: str, step_profile: bool,
+                  out: str) -> None:
+    """Benchmark BUNDLE: tokens/s, accuracy, per-step time breakdown, ratio to PyTorch eager; JSON, CSV, PNG.
 
+    With --concurrency: total and per-request tokens/s, latency and time to first chunk per level."""
     from apd_deploy.bench.report import format_table, write_results
     from apd_deploy.bench.runner import benchmark, check_benchmark, check_prompt_source, default_max_new_tokens, load_prompts
     from apd_deploy.errors import GenerationError
@@ -337,10 +346,19 @@ def bench_command(bundle: str, algs: str, sweeps: tuple[str, ...], task: str | N
         check_prompt_source(task, prompts_file, random_prompts, n)
     except GenerationError as exc:
         raise click.UsageError(str(exc)) from None
+    if levels and (sweeps or step_profile):
+        raise click.UsageError("--concurrency measures one configuration: drop --sweep and --step-profile")
     threads = threads or default_threads()
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
     prompts = load_prompts(runtime, task, prompts_file, random_prompts, n)
     max_new_tokens = max_new_tokens or default_max_new_tokens(task)
+    if levels:
+        bench_concurrency(runtime, parse_levels(levels), algs or "apd", prompts, max_new_tokens, repeat, task,
+                          {"bundle": bundle, "engine": engine, "threads": threads, "task": task, "prompts": prompts_file,
+                           "random_prompts": random_prompts, "n": len(prompts), "max_new_tokens": max_new_tokens,
+                           "repeat": repeat}, Path(out))
+        return
+    algs = algs or "apd,leftright:1,ar"
     check_benchmark(runtime, algs, list(sweeps), prompts, max_new_tokens, repeat)
     eager_loop = None
     if eager:
@@ -365,4 +383,27 @@ def bench_command(bundle: str, algs: str, sweeps: tuple[str, ...], task: str | N
                    f"({at[1024] / at[128]:.2f}x)")
     written = write_results(Path(out), settings, results)
     click.echo(format_table(results))
+    click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
+def bench_concurrency(runtime: Any, levels: list[int], algs: str, prompts: list, max_new_tokens: int, repeat: int,
+                      task: str | None, settings: dict[str, Any], out: Path) -> None:
+    """`bench --concurrency`: one configuration (the only one in --algs) at each level."""
+    from apd_deploy.bench.concurrency import benchmark_concurrency, format_levels
+    from apd_deploy.bench.report import write_levels
+    from apd_deploy.bench.runner import check_benchmark
+
+    configs = check_benchmark(runtime, algs, [], prompts, max_new_tokens, repeat)
+    if len(configs) != 1:
+        raise click.UsageError(f"--concurrency measures one configuration; --algs names {len(configs)}: {algs}")
+    (config,) = configs
+    params = {"alg": config.alg, "max_new_tokens": max_new_tokens, **config.params}
+    extract = TASKS[task].extract_answer if task else None
+    bar = click.progressbar(length=1, label="benchmarking", file=sys.stderr)
+    with bar:
+        rows = benchmark_concurrency(runtime, levels, prompts, params, repeat, extract,
+                                     progress_total=lambda total: setattr(bar, "length", total),
+                                     progress=lambda: bar.update(1))
+    written = write_levels(out, {**settings, "algs": algs, "concurrency": levels}, rows)
+    click.echo(format_levels(rows))
     click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)

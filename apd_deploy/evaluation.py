@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from apd_deploy.runtime.params import ALGORITHMS, check_integer
 from apd_deploy.tasks import arithmetic
 
 if TYPE_CHECKING:
-    from apd_deploy.runtime import Runtime
+    from apd_deploy.runtime import GenerationResult, Runtime
 
 TASKS = {"arithmetic": arithmetic}
 # The demo dLLM was trained on answers of 32 positions (the solution, EOS, EOS padding).
@@ -101,28 +102,51 @@ def plan(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int
     return EvalPlan(task, problems, prompts, runs)
 
 
-def run(runtime: Runtime, work: EvalPlan, progress: Callable[[], None] = lambda: None) -> list[AlgResult]:
-    """Solve the planned problems with each planned algorithm."""
+def run(runtime: Runtime, work: EvalPlan, progress: Callable[[], None] = lambda: None,
+        batch_size: int = 1) -> list[AlgResult]:
+    """Solve the planned problems with each planned algorithm: one at a time, or `batch_size`
+    decoding together (the same answers at temperature 0; seconds are then wall time)."""
+    check_integer("--batch-size", batch_size, 1)
     results = []
     n = len(work.problems)
     for spec, params in work.runs:
-        correct = tokens = steps = dllm = verifier = 0
-        seconds = 0.0
-        for problem, prompt in zip(work.problems, work.prompts):
-            out = runtime.generate(prompt, alg=spec.alg, **params)
-            correct += TASKS[work.task].extract_answer(out.text) == problem.answer
-            tokens, steps, seconds = tokens + len(out.token_ids), steps + out.steps, seconds + out.seconds
-            dllm, verifier = dllm + out.dllm_forwards, verifier + out.verifier_forwards
-            progress()
+        started = time.perf_counter()
+        outs = _solve(runtime, work.prompts, {"alg": spec.alg, **params}, batch_size, progress)
+        wall = time.perf_counter() - started
+        correct = sum(TASKS[work.task].extract_answer(out.text) == problem.answer
+                      for out, problem in zip(outs, work.problems))
+        tokens, steps = sum(len(out.token_ids) for out in outs), sum(out.steps for out in outs)
+        dllm, verifier = sum(out.dllm_forwards for out in outs), sum(out.verifier_forwards for out in outs)
+        # Alone, the time spent generating; in a batch, the wall time (requests overlap).
+        seconds = sum(out.seconds for out in outs) if batch_size == 1 else wall
         results.append(AlgResult(spec.label, n, correct, correct / n, tokens / max(steps, 1), dllm / n, verifier / n,
                                  tokens / seconds if seconds else 0.0, round(seconds, 3)))
     return results
 
 
+def _solve(runtime: Runtime, prompts: list[np.ndarray], params: dict[str, Any], batch_size: int,
+           progress: Callable[[], None]) -> list[GenerationResult]:
+    if batch_size == 1:
+        outs = []
+        for prompt in prompts:
+            outs.append(runtime.generate(prompt, **params))
+            progress()
+        return outs
+    longest = max(len(prompt) for prompt in prompts) + params["max_new_tokens"]
+    with runtime.scheduler(max_batch=batch_size, max_queue=len(prompts), max_seq_len=longest) as scheduler:
+        handles = [scheduler.submit(prompt, chunk_text=False, **params) for prompt in prompts]
+        outs = []
+        for handle in handles:
+            outs.append(handle.result())
+            progress()
+        return outs
+
+
 def evaluate(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
-             params: dict[str, Any] | None = None, progress: Callable[[], None] = lambda: None) -> list[AlgResult]:
+             params: dict[str, Any] | None = None, progress: Callable[[], None] = lambda: None,
+             batch_size: int = 1) -> list[AlgResult]:
     """`plan`, then `run`: every argument is checked before the first problem is solved."""
-    return run(runtime, plan(runtime, task, split, n, algs, params), progress)
+    return run(runtime, plan(runtime, task, split, n, algs, params), progress, batch_size)
 
 
 def format_table(results: list[AlgResult]) -> str:

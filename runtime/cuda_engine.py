@@ -92,6 +92,7 @@ class OrtCudaDecoder:
     on the GPU. Calls are serialised (the fixed-shape buffers are shared by every request)."""
 
     first_verify_chunk = None
+    call_cost_tokens = 4096  # a batch is one call unless its windows differ by thousands
 
     def __init__(self, graph: Path, spec: DecoderSpec, threads: int | None = None,
                  session_options: dict[str, Any] | None = None, fixed_shapes: bool = True,

@@ -81,6 +81,10 @@ class DecoderEngine(Protocol):
     # or None for the whole draft at once: on the CPU a call costs its tokens, so scoring stops
     # at the first chunk with a rejection; on a GPU a call costs its launch and its host sync.
     first_verify_chunk: int | None
+    # What a call costs beyond its tokens, in window tokens of one request: the scheduler splits a
+    # batch whose windows differ in length where padding the short ones would cost more (CPU:
+    # a call's fixed cost is small, its tokens are compute; GPU: a call costs its launches).
+    call_cost_tokens: int
 
     def new_cache(self, capacity: int) -> KVCache: ...
 
@@ -161,6 +165,7 @@ class OrtCpuDecoder:
     checks the padding and the masks against exact-size calls token for token."""
 
     first_verify_chunk = 8
+    call_cost_tokens = 16
 
     def __init__(self, graph: Path, spec: DecoderSpec, threads: int | None = None,
                  session_options: dict[str, Any] | None = None, xp: ModuleType = np,

@@ -262,19 +262,23 @@ class Scheduler:
         return item
 
     def _run_batched(self, role: str, group: list[tuple[Active, Call]]) -> list[Active]:
-        group.sort(key=lambda pair: pair[0].slot)  # consecutive slots: one contiguous block of cache rows
-        started = time.perf_counter()
-        try:
-            outputs = self.engines[role].run([call.call for _, call in group])
-        except Exception as exc:  # the engine failed this call: its requests end with the error
-            for request, _ in group:
-                self._end(request, error=exc)
-            return []
-        elapsed = time.perf_counter() - started
-        for (request, _), output in zip(group, outputs):
-            request.canvas.engine_seconds[role] += elapsed
-            request.reply = output
-        return [request for request, _ in group]
+        engine, resumed = self.engines[role], []
+        lengths = [call.call.ids.shape[-1] for _, call in group]
+        for part in split_by_length(lengths, engine.call_cost_tokens):
+            batch = sorted((group[i] for i in part), key=lambda pair: pair[0].slot)  # consecutive slots: no gather
+            started = time.perf_counter()
+            try:
+                outputs = engine.run([call.call for _, call in batch])
+            except Exception as exc:  # the engine failed this call: its requests end with the error
+                for request, _ in batch:
+                    self._end(request, error=exc)
+                continue
+            elapsed = time.perf_counter() - started
+            for (request, _), output in zip(batch, outputs):
+                request.canvas.engine_seconds[role] += elapsed
+                request.reply = output
+                resumed.append(request)
+        return resumed
 
     def _end(self, request: Active, error: BaseException | None = None) -> None:
         if request.finished:
@@ -303,3 +307,21 @@ class Scheduler:
                     last.slot = slot
                     self._active[slot] = last
                     slot += 1
+
+
+def split_by_length(lengths: Sequence[int], call_cost: int) -> list[list[int]]:
+    """Indices of `lengths` (window tokens per request) split into the batches that cost least when
+    a batch costs `call_cost` tokens plus its rows times its longest window: a request joining with
+    its whole prompt is not batched with requests feeding a few tokens each, whose rows it would
+    pad to its length. Optimal over batches of consecutive lengths (a dynamic program, sorted)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    ordered = [lengths[i] for i in order]
+    best, cut = [0] * (len(order) + 1), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        best[end], cut[end] = min((best[start] + call_cost + (end - start) * ordered[end - 1], start)
+                                  for start in range(end))
+    parts, end = [], len(order)
+    while end:
+        parts.append(order[cut[end] : end])
+        end = cut[end]
+    return parts[::-1]

@@ -72,6 +72,7 @@ class TensorRTDecoder:
     by a lock, since a context is not safe to use from two threads at once."""
 
     first_verify_chunk = None  # a GPU call costs its launch, not its tokens: score the whole draft
+    call_cost_tokens = 4096  # a batch is one call unless its windows differ by thousands
 
     def __init__(self, name: str, plan: Path, spec: DecoderSpec, record: dict[str, Any], role: str) -> None:
         from apd_deploy.accelerators import compute_capability, require_cupy, require_tensorrt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from apd_deploy.bench.concurrency import LevelResult
 from apd_deploy.bench.runner import ConfigResult
 
 SWEEP_AXES = {"apd_mixture_weight": "R (mixture weight)", "kv_window": "W (KV window)", "max_lookahead": "M (max lookahead)"}
@@ -89,3 +90,25 @@ def plot_breakdown(results: list[ConfigResult], out: Path) -> Path:
     ax.tick_params(axis="x", rotation=60, labelsize=7)
     ax.legend()
     return _save(plt, fig, out / "breakdown.png")
+
+
+def plot_concurrency(rows: list[LevelResult], out: Path) -> Path:
+    """Total and per-request throughput against concurrency, with the lone request's for reference."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    levels = [r for r in rows if r.concurrency != "alone"]
+    x = [int(r.concurrency) for r in levels]
+    ax.errorbar(x, [r.tokens_per_second for r in levels], fmt="o-", label="total",
+                yerr=[[r.tokens_per_second - r.tokens_per_second_min for r in levels],
+                      [r.tokens_per_second_max - r.tokens_per_second for r in levels]])
+    ax.plot(x, [r.per_request_tokens_per_second for r in levels], "s--", label="per request")
+    alone = next((r for r in rows if r.concurrency == "alone"), None)
+    if alone is not None:
+        ax.axhline(alone.tokens_per_second, color="grey", linestyle=":", label="one request alone")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [str(v) for v in x])
+    ax.set_xlabel("concurrent requests (max batch)")
+    ax.set_ylabel("tokens / s")
+    ax.set_title("Throughput against concurrency")
+    ax.legend()
+    return _save(plt, fig, out / "throughput_vs_concurrency.png")

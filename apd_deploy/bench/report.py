@@ -9,7 +9,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from apd_deploy.bench.plots import plot_breakdown, plot_pareto, plot_sweeps
+from apd_deploy.bench.concurrency import LevelResult
+from apd_deploy.bench.plots import plot_breakdown, plot_concurrency, plot_pareto, plot_sweeps
 from apd_deploy.bench.runner import ConfigResult
 
 
@@ -20,17 +21,27 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
 
 
-def write_results(out: Path, settings: dict[str, Any], results: list[ConfigResult]) -> list[Path]:
+def write_rows(out: Path, stem: str, settings: dict[str, Any], rows: list[dict[str, Any]]) -> list[Path]:
+    """`stem`.json (settings, machine, rows) and `stem`.csv in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = [r.row() for r in results]
-    (out / "results.json").write_text(json.dumps({"settings": settings, "machine": machine(), "results": rows}, indent=2) + "\n")
-    with open(out / "results.csv", "w", newline="") as f:
+    (out / f"{stem}.json").write_text(json.dumps({"settings": settings, "machine": machine(), "results": rows}, indent=2) + "\n")
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return [out / f"{stem}.json", out / f"{stem}.csv"]
+
+
+def write_results(out: Path, settings: dict[str, Any], results: list[ConfigResult]) -> list[Path]:
+    written = write_rows(out, "results", settings, [r.row() for r in results])
     plots = [plot_breakdown(results, out), *plot_sweeps(results, out)]
     pareto = plot_pareto(results, out)
-    return [out / "results.json", out / "results.csv", *plots, *([pareto] if pareto else [])]
+    return [*written, *plots, *([pareto] if pareto else [])]
+
+
+def write_levels(out: Path, settings: dict[str, Any], rows: list[LevelResult]) -> list[Path]:
+    """results.json / results.csv of a concurrency benchmark, and its throughput plot."""
+    return [*write_rows(out, "results", settings, [r.row() for r in rows]), plot_concurrency(rows, out)]
 
 
 def format_table(results: list[ConfigResult]) -> str:
