@@ -165,7 +165,7 @@ class OrtCpuDecoder:
     checks the padding and the masks against exact-size calls token for token."""
 
     first_verify_chunk = 8
-    call_cost_tokens = 16
+    call_cost_tokens = 32
 
     def __init__(self, graph: Path, spec: DecoderSpec, threads: int | None = None,
                  session_options: dict[str, Any] | None = None, xp: ModuleType = np,

@@ -85,6 +85,12 @@ class Progress:
             self.first_chunk_seconds = time.perf_counter() - self.arrived
         return Chunk(tokens, self.pieces.push(tokens) if self.pieces is not None and tokens else None)
 
+    def rest(self) -> Chunk | None:
+        """A last chunk without tokens for the text still held back, if any: a generation may end
+        inside a character, and the chunks' texts must add up to the result's."""
+        text = self.pieces.flush() if self.pieces is not None else None
+        return Chunk([], text) if text else None
+
     def result(self, cancelled: bool = False) -> GenerationResult:
         seconds = time.perf_counter() - self.arrived
         canvas, generated = self.canvas, self.generated

@@ -214,6 +214,8 @@ class Runtime:
                 synchronize(self.xp)
             canvas.engine_seconds[item.role] += time.perf_counter() - started
         decoder.close()
+        if (rest := progress.rest()) is not None:
+            yield rest
         generation.result = progress.result()
 
 

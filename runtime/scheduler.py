@@ -289,6 +289,8 @@ class Scheduler:
         if error is not None:
             request.handle._finish(None, error)
         else:
+            if (rest := request.progress.rest()) is not None:
+                request.handle._push(rest)
             cancelled = request.handle.cancelled and not request.progress.stopped
             request.handle._finish(request.progress.result(cancelled=cancelled))
 

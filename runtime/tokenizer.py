@@ -87,6 +87,13 @@ class TextStream:
         self.prefix, self.read = self.read, len(self.ids)
         return after[len(before) :]
 
+    def flush(self) -> str | None:
+        """At the end: the text held back (an incomplete last character, as a decode shows it)."""
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :] or None
+
 
 def _token_text(value: Any) -> str:
     if isinstance(value, dict):  # AddedToken serialised as a dict
