@@ -79,12 +79,29 @@ def test_eval_on_the_bundled_pair(demo_runtime):
 
 
 def test_cli_eval_json(demo_bundle):
-    result = subprocess.run([CLI, "eval", str(demo_bundle), "--n", "3", "--algs", "apd,ar", "--json"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["alg"] for r in rows] == ["apd", "ar"]
-    assert {"accuracy", "tokens_per_step", "dllm_forwards_per_problem", "tokens_per_second"} <= set(rows[0])
+    runs = [subprocess.run([CLI, "eval", str(demo_bundle), "--n", "6", "--algs", "apd,ar", "--json", *extra],
+                           capture_output=True, text=True, timeout=300) for extra in ([], ["--batch-size", "4"])]
+    for result in runs:
+        assert result.returncode == 0, result.stderr
+    alone, batched = ([json.loads(line) for line in result.stdout.splitlines()] for result in runs)
+    assert [r["alg"] for r in alone] == ["apd", "ar"]
+    assert {"accuracy", "tokens_per_step", "dllm_forwards_per_problem", "tokens_per_second"} <= set(alone[0])
+    for one, many in zip(alone, batched):  # the same answers, steps and forwards, batched
+        assert {k: v for k, v in one.items() if "second" not in k} == {k: v for k, v in many.items() if "second" not in k}
+
+
+def test_batched_answers_equal_answers_alone(demo_runtime):
+    """Test problems of several prompt lengths, 8 slots for 24 requests with mixed parameters: they
+    join and leave mid-batch, and each gets its answer alone."""
+    questions = [p.question for p in itertools.islice(problems("test"), 24)]
+    params = [{"max_new_tokens": 32}, {"max_new_tokens": 48, "kv_window": 4}, {"max_new_tokens": 32, "alg": "leftright"},
+              {"max_new_tokens": 40, "apd_mixture_weight": 0.5, "max_lookahead": 12}]
+    requests = [(q, params[i % len(params)]) for i, q in enumerate(questions)]
+    alone = [demo_runtime.generate(q, chat=True, **p) for q, p in requests]
+    with demo_runtime.scheduler(max_batch=8) as scheduler:
+        batched = [h.result(timeout=300) for h in [scheduler.submit(q, chat=True, **p) for q, p in requests]]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert sum(extract_answer(r.text) == p.answer for r, p in zip(batched, itertools.islice(problems("test"), 24))) >= 20
 
 
 @pytest.mark.slow

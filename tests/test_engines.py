@@ -154,16 +154,19 @@ def test_profiles_follow_the_apd_parameters():
     dllm = {p.name: p for p in derive_profiles("dllm", 2048, kv_window=16, max_lookahead=100, max_batch=4)}
     assert dllm["steady"].seq_len == (1, 116, 215)  # W + M to tune for, W + 2M - 1 at most
     assert dllm["steady"].past_len == (0, 1024, 2047)
-    assert dllm["prefill"].seq_len == (1, 228, 2048) and dllm["prefill"].past_len == (0, 0, 0)
+    # In a batch a request's prefill may share its call with requests that have a cache.
+    assert dllm["prefill"].seq_len == (1, 228, 2048) and dllm["prefill"].past_len == (0, 0, 2047)
     assert dllm["steady"].batch == (1, 1, 4)
     verifier = {p.name: p for p in derive_profiles("verifier", 2048, 16, 100, opt_window=8)}
     assert verifier["steady"].seq_len == (1, 8, 100) and verifier["steady"].past_len == (1, 1024, 2047)
+    assert verifier["prefill"].past_len == (0, 0, 0)  # batch 1: a prefill is alone
     shapes = dllm["steady"].input_shapes((28, 4, 128))
     # The whole cache buffer goes in: its length is the request's, at most the engine's max.
-    assert shapes["past_kv"] == ((28, 2, 1, 4, 1, 128), (28, 2, 1, 4, 1024, 128), (28, 2, 4, 4, 2048, 128))
-    assert shapes["logit_rows"] == ((1,), (100,), (101,))  # the M lookahead rows to tune for, M + 1 at most
+    assert shapes["past_kv"] == ((1, 28, 2, 4, 1, 128), (1, 28, 2, 4, 1024, 128), (4, 28, 2, 4, 2048, 128))
+    # The M lookahead rows to tune for, M + 1 per request at most (rows of a batch share the axis).
+    assert shapes["logit_rows"] == ((1,), (100,), (404,))
     assert shapes["attention_mask"] == ((1, 1), (1, 1140), (4, 2262))
-    assert dllm["prefill"].logit_len == (1, 100, 101) and verifier["prefill"].logit_len == (1, 100, 101)
+    assert dllm["prefill"].logit_len == (1, 100, 404) and verifier["prefill"].logit_len == (1, 100, 101)
     assert verifier["steady"].logit_len == (1, 8, 100)
 
 
@@ -198,16 +201,20 @@ def test_default_max_seq_len_is_a_sane_context(tiny_bundle, tmp_path, monkeypatc
 
 
 def test_profiles_hold_every_call_the_runtime_makes(tiny_bundle, monkeypatch):
-    """Run the real decoding loops and check each engine call against the derived profiles."""
+    """Run the real decoding loops, alone and batched as on a GPU (one call per model per round),
+    and check each engine call against the derived profiles."""
     runtime = Runtime.load(tiny_bundle)
-    profiles = {role: [p.to_dict() for p in derive_profiles(role, 512, 16, 100)] for role in ("dllm", "verifier")}
+    profiles = {role: [p.to_dict() for p in derive_profiles(role, 512, 16, 100, max_batch=4)]
+                for role in ("dllm", "verifier")}
     calls = []
     for role, engine in (("dllm", runtime.dllm), ("verifier", runtime.verifier)):
         original = engine.run
+        engine.call_cost_tokens = 4096  # as a GPU engine: a round's calls are never split
 
-        def recording(ids, cache, rows=None, role=role, original=original):
-            calls.append((role, len(ids), cache.length, len(ids) if rows is None else len(rows)))
-            return original(ids, cache, rows)
+        def recording(batch, role=role, original=original):
+            calls.append((role, len(batch), max(len(c.ids) for c in batch), max(c.cache.length for c in batch),
+                          sum(len(c.ids) if c.rows is None else len(c.rows) for c in batch)))
+            return original(batch)
 
         monkeypatch.setattr(engine, "run", recording)
     runtime.eos_ids = frozenset()
@@ -216,19 +223,25 @@ def test_profiles_hold_every_call_the_runtime_makes(tiny_bundle, monkeypatch):
                             ("ar", {})):
             runtime.generate(prompt, alg=alg, max_new_tokens=n, **params)
     runtime.generate(PROMPT, alg="diffusion", max_new_tokens=101, steps=4)  # 101 masked rows: M + 1
-    assert {role for role, *_ in calls} == {"dllm", "verifier"}
-    for role, seq_len, past_len, logit_len in calls:
-        select_profile(profiles[role], seq_len, past_len, logit_len)
+    runtime.generate_many([[5], list(range(60)), PROMPT, [7, 8]], max_batch=4, max_new_tokens=200)
+    assert {role for role, *_ in calls} == {"dllm", "verifier"} and max(batch for _, batch, *_ in calls) == 4
+    for role, batch, seq_len, past_len, logit_len in calls:
+        select_profile(profiles[role], batch, seq_len, past_len, logit_len)
 
 
 def test_select_profile_prefers_steady_state_and_explains_misses():
     profiles = [p.to_dict() for p in derive_profiles("dllm", 512, 16, 100)]
-    assert select_profile(profiles, 116, 300, 100) == 0
-    assert select_profile(profiles, 400, 0, 100) == 1
+    assert select_profile(profiles, 1, 116, 300, 100) == 0
+    assert select_profile(profiles, 1, 400, 0, 100) == 1
     with pytest.raises(GenerationError, match="rebuild the engine with a larger --max-seq-len"):
-        select_profile(profiles, 300, 10, 100)
+        select_profile(profiles, 1, 300, 10, 100)
     with pytest.raises(GenerationError, match="at most 101 per call.*--max-logit-rows 200"):
-        select_profile(profiles, 300, 0, 200)
+        select_profile(profiles, 1, 300, 0, 200)
+    with pytest.raises(GenerationError, match="batches 2 requests; the engine was built for at most 1.*--max-batch 2"):
+        select_profile(profiles, 2, 116, 300, 100)
+    batched = [p.to_dict() for p in derive_profiles("dllm", 512, 16, 100, max_batch=8)]
+    assert select_profile(batched, 8, 116, 300, 800) == 0  # logit rows: M per request
+    assert select_profile(batched, 8, 300, 10, 100) == 1  # a prefill beside cached requests
 
 
 @pytest.mark.parametrize("major, exported, precision, plan", [
