@@ -280,18 +280,23 @@ def build_engine_command(bundle: str, backend: str, device: str | None, precisio
 @threads_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Problems decoded together (batched engine calls); the same answers at temperature 0.")
+@click.option("--lanes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --batch-size on a CPU engine: scheduling loops side by side, each with threads/lanes "
+                   "threads and its own copy of the weights.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per algorithm, one per line.")
 @user_errors
 def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: str | None, threads: int | None,
-                 batch_size: int, as_json: bool, **params: Any) -> None:
+                 batch_size: int, lanes: int, as_json: bool, **params: Any) -> None:
     """Solve task problems with each algorithm; report accuracy, tokens per step, forwards, speed."""
     from apd_deploy.evaluation import format_table, plan, run
     from apd_deploy.runtime import Runtime
 
+    if lanes > batch_size:
+        raise click.UsageError(f"--lanes {lanes} is more than --batch-size {batch_size}: each lane needs a slot")
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
     work = plan(runtime, task, split, n, algs, params)
     with click.progressbar(length=len(work.problems) * len(work.runs), label="solving", file=sys.stderr) as bar:
-        results = run(runtime, work, progress=lambda: bar.update(1), batch_size=batch_size)
+        results = run(runtime, work, progress=lambda: bar.update(1), batch_size=batch_size, lanes=lanes)
     if as_json:
         for result in results:
             click.echo(json.dumps(result.to_dict()))
@@ -307,6 +312,9 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
 @click.option("--concurrency", "levels", callback=library_checked(parse_levels),
               help="Instead: throughput against concurrent requests, e.g. 1,2,4,8,16 (each level through one "
                    "batched scheduler with that max batch, plus the requests one by one alone).")
+@click.option("--lanes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --concurrency or --batch-size on a CPU engine: scheduling loops side by side, each with "
+                   "threads/lanes threads and its own copy of the weights.")
 @click.option("--sweep", "sweeps", multiple=True, callback=library_checked(lambda values: parse_sweeps(list(values))),
               help="APD parameter values, e.g. kv_window=4,16,64 (repeatable; apd_mixture_weight, kv_window, max_lookahead).")
 @click.option("--task", type=click.Choice(sorted(TASKS)), help="Prompts from a task's test problems (accuracy is measured).")
@@ -329,7 +337,7 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True,
               help="Directory for results.json, results.csv and the plots.")
 @user_errors
-def bench_command(bundle: str, algs: str | None, levels: str | None, sweeps: tuple[str, ...], task: str | None,
+def bench_command(bundle: str, algs: str | None, levels: str | None, lanes: int, sweeps: tuple[str, ...], task: str | None,
                   prompts_file: str | None, random_prompts: int | None, n: int, max_new_tokens: int | None, repeat: int,
                   threads: int | None, engine: str | None, eager: bool, eager_device: str, step_profile: bool,
                   out: str) -> None:
@@ -348,15 +356,17 @@ def bench_command(bundle: str, algs: str | None, levels: str | None, sweeps: tup
         raise click.UsageError(str(exc)) from None
     if levels and (sweeps or step_profile):
         raise click.UsageError("--concurrency measures one configuration: drop --sweep and --step-profile")
+    if lanes > 1 and not levels:
+        raise click.UsageError("--lanes applies to --concurrency; add --concurrency LEVELS or drop --lanes")
     threads = threads or default_threads()
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
     prompts = load_prompts(runtime, task, prompts_file, random_prompts, n)
     max_new_tokens = max_new_tokens or default_max_new_tokens(task)
     if levels:
-        bench_concurrency(runtime, parse_levels(levels), algs or "apd", prompts, max_new_tokens, repeat, task,
-                          {"bundle": bundle, "engine": engine, "threads": threads, "task": task, "prompts": prompts_file,
-                           "random_prompts": random_prompts, "n": len(prompts), "max_new_tokens": max_new_tokens,
-                           "repeat": repeat}, Path(out))
+        bench_concurrency(runtime, parse_levels(levels), lanes, algs or "apd", prompts, max_new_tokens, repeat, task,
+                          {"bundle": bundle, "engine": engine, "threads": threads, "lanes": lanes, "task": task,
+                           "prompts": prompts_file, "random_prompts": random_prompts, "n": len(prompts),
+                           "max_new_tokens": max_new_tokens, "repeat": repeat}, Path(out))
         return
     algs = algs or "apd,leftright:1,ar"
     check_benchmark(runtime, algs, list(sweeps), prompts, max_new_tokens, repeat)
@@ -386,8 +396,8 @@ def bench_command(bundle: str, algs: str | None, levels: str | None, sweeps: tup
     click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
 
 
-def bench_concurrency(runtime: Any, levels: list[int], algs: str, prompts: list, max_new_tokens: int, repeat: int,
-                      task: str | None, settings: dict[str, Any], out: Path) -> None:
+def bench_concurrency(runtime: Any, levels: list[int], lanes: int, algs: str, prompts: list, max_new_tokens: int,
+                      repeat: int, task: str | None, settings: dict[str, Any], out: Path) -> None:
     """`bench --concurrency`: one configuration (the only one in --algs) at each level."""
     from apd_deploy.bench.concurrency import benchmark_concurrency, format_levels
     from apd_deploy.bench.report import write_levels
@@ -401,7 +411,7 @@ def bench_concurrency(runtime: Any, levels: list[int], algs: str, prompts: list,
     extract = TASKS[task].extract_answer if task else None
     bar = click.progressbar(length=1, label="benchmarking", file=sys.stderr)
     with bar:
-        rows = benchmark_concurrency(runtime, levels, prompts, params, repeat, extract,
+        rows = benchmark_concurrency(runtime, levels, prompts, params, repeat, extract, lanes,
                                      progress_total=lambda total: setattr(bar, "length", total),
                                      progress=lambda: bar.update(1))
     written = write_levels(out, {**settings, "algs": algs, "concurrency": levels}, rows)

@@ -103,7 +103,7 @@ def plan(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int
 
 
 def run(runtime: Runtime, work: EvalPlan, progress: Callable[[], None] = lambda: None,
-        batch_size: int = 1) -> list[AlgResult]:
+        batch_size: int = 1, lanes: int = 1) -> list[AlgResult]:
     """Solve the planned problems with each planned algorithm: one at a time, or `batch_size`
     decoding together (the same answers at temperature 0; seconds are then wall time)."""
     check_integer("--batch-size", batch_size, 1)
@@ -111,7 +111,7 @@ def run(runtime: Runtime, work: EvalPlan, progress: Callable[[], None] = lambda:
     n = len(work.problems)
     for spec, params in work.runs:
         started = time.perf_counter()
-        outs = _solve(runtime, work.prompts, {"alg": spec.alg, **params}, batch_size, progress)
+        outs = _solve(runtime, work.prompts, {"alg": spec.alg, **params}, batch_size, lanes, progress)
         wall = time.perf_counter() - started
         correct = sum(TASKS[work.task].extract_answer(out.text) == problem.answer
                       for out, problem in zip(outs, work.problems))
@@ -124,7 +124,7 @@ def run(runtime: Runtime, work: EvalPlan, progress: Callable[[], None] = lambda:
     return results
 
 
-def _solve(runtime: Runtime, prompts: list[np.ndarray], params: dict[str, Any], batch_size: int,
+def _solve(runtime: Runtime, prompts: list[np.ndarray], params: dict[str, Any], batch_size: int, lanes: int,
            progress: Callable[[], None]) -> list[GenerationResult]:
     if batch_size == 1:
         outs = []
@@ -133,7 +133,7 @@ def _solve(runtime: Runtime, prompts: list[np.ndarray], params: dict[str, Any], 
             progress()
         return outs
     longest = max(len(prompt) for prompt in prompts) + params["max_new_tokens"]
-    with runtime.scheduler(max_batch=batch_size, max_queue=len(prompts), max_seq_len=longest) as scheduler:
+    with runtime.scheduler(batch_size, max_queue=len(prompts), max_seq_len=longest, lanes=lanes) as scheduler:
         handles = [scheduler.submit(prompt, chunk_text=False, **params) for prompt in prompts]
         outs = []
         for handle in handles:
@@ -144,9 +144,9 @@ def _solve(runtime: Runtime, prompts: list[np.ndarray], params: dict[str, Any], 
 
 def evaluate(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
              params: dict[str, Any] | None = None, progress: Callable[[], None] = lambda: None,
-             batch_size: int = 1) -> list[AlgResult]:
+             batch_size: int = 1, lanes: int = 1) -> list[AlgResult]:
     """`plan`, then `run`: every argument is checked before the first problem is solved."""
-    return run(runtime, plan(runtime, task, split, n, algs, params), progress, batch_size)
+    return run(runtime, plan(runtime, task, split, n, algs, params), progress, batch_size, lanes)
 
 
 def format_table(results: list[AlgResult]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from apd_deploy.runtime.autoregressive import autoregressive
 from apd_deploy.runtime.canvas import Canvas, Decoder, Step
 from apd_deploy.runtime.diffusion import diffusion
 from apd_deploy.runtime.arrays import array_module, synchronize
-from apd_deploy.runtime.engine import DecoderEngine, DecoderSpec, OrtCpuDecoder
+from apd_deploy.runtime.engine import DecoderEngine, DecoderSpec, OrtCpuDecoder, default_threads
 from apd_deploy.runtime.kv_cache import KVCache
 from apd_deploy.runtime.leftright import leftright
 from apd_deploy.runtime.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, check_integer
@@ -47,6 +48,9 @@ class Runtime:
         self.defaults = GenerationParams(**manifest["apd_defaults"])
         # Wait for every engine call to finish, so that GPU time is split per model (benchmarks).
         self.time_engine_calls = False
+        self.threads: int | None = None  # onnxruntime threads per model (set by `load`)
+        self._open_engines: Callable[[int], dict[str, DecoderEngine]] | None = None
+        self._lane_engines: dict[int, list[dict[str, DecoderEngine]]] = {}
 
     @classmethod
     def load(cls, bundle: str | Path, engine: str | None = None, threads: int | None = None,
@@ -78,11 +82,13 @@ class Runtime:
         _check_pair(bundle, manifest, specs)
         record = _engine_record(bundle, manifest, engine)
         verify_files(bundle, manifest, verify, only=_files_read(bundle, manifest, record))
-        engines = {role: _open_engine(bundle, manifest, engine, record, role, specs[role], threads, array_backend,
-                                      engine_options or {})
-                   for role in specs}
-        return cls(bundle, manifest, engines["dllm"], engines["verifier"], BundleTokenizer.from_bundle(bundle, manifest),
-                   record.get("max_seq_len") if record else None)
+        open_engines = partial(_open_engines, bundle, manifest, engine, record, specs, array_backend, engine_options or {})
+        threads = threads or default_threads()
+        engines = open_engines(threads)
+        runtime = cls(bundle, manifest, engines["dllm"], engines["verifier"], BundleTokenizer.from_bundle(bundle, manifest),
+                      record.get("max_seq_len") if record else None)
+        runtime.threads, runtime._open_engines = threads, open_engines
+        return runtime
 
     def params(self, **overrides: Any) -> GenerationParams:
         """Generation parameters: the bundle's APD defaults with `overrides` (None = default)."""
@@ -154,14 +160,32 @@ class Runtime:
         """Like `generate`, but iterate the returned object for each step's committed chunk."""
         return self._start(prompt, chat, params, chunk_text=True)
 
-    def scheduler(self, max_batch: int = 8, max_queue: int = 256, max_seq_len: int | None = None) -> Scheduler:
+    def scheduler(self, max_batch: int = 8, max_queue: int = 256, max_seq_len: int | None = None,
+                  lanes: int = 1) -> Scheduler:
         """A batched scheduler on this runtime (see `scheduler.py`): `submit` requests from any
         thread; up to `max_batch` decode together, up to `max_queue` wait for a slot. Each slot holds
         a request of up to `max_seq_len` positions (default: the models'). Close it when done
-        (or use it as a context manager)."""
+        (or use it as a context manager).
+
+        lanes: on a CPU engine, split the slots among this many loops that run side by side, each
+        on its own sessions with threads / lanes threads (a batch of small calls uses one thread
+        better than two threads use one call); each lane beyond the first holds another copy of
+        the models' weights."""
         from apd_deploy.runtime.scheduler import Scheduler
 
-        return Scheduler(self, max_batch, max_queue, max_seq_len)
+        return Scheduler(self, max_batch, max_queue, max_seq_len, lanes)
+
+    def engines_for_lanes(self, lanes: int) -> list[dict[str, DecoderEngine]]:
+        """The engines of each of `lanes` scheduling loops: this runtime's for one lane; for more,
+        new sessions of threads / lanes threads each (CPU engines only)."""
+        if lanes == 1:
+            return [{"dllm": self.dllm, "verifier": self.verifier}]
+        if self.xp is not np or not isinstance(self.dllm, OrtCpuDecoder) or self._open_engines is None:
+            raise GenerationError("lanes > 1 is for CPU engines loaded with Runtime.load; a GPU engine batches "
+                                  "in one lane (use lanes=1)")
+        if lanes not in self._lane_engines:  # opened once per runtime: a session costs a load of the weights
+            self._lane_engines[lanes] = [self._open_engines(max(1, self.threads // lanes)) for _ in range(lanes)]
+        return self._lane_engines[lanes]
 
     def generate_many(self, prompts: Sequence[str | Sequence[int]], chat: bool = False, max_batch: int = 8,
                       **params: Any) -> list[GenerationResult]:
@@ -240,6 +264,13 @@ def _files_read(bundle: Path, manifest: dict[str, Any], record: dict[str, Any] |
             files.append(f"{graph}.data")
     tokenizer = manifest["tokenizer"]
     return files + (tokenizer["files"] if tokenizer else [])
+
+
+def _open_engines(bundle: Path, manifest: dict[str, Any], name: str | None, record: dict[str, Any] | None,
+                  specs: dict[str, DecoderSpec], array_backend: str | None, engine_options: dict[str, Any],
+                  threads: int) -> dict[str, DecoderEngine]:
+    return {role: _open_engine(bundle, manifest, name, record, role, spec, threads, array_backend, engine_options)
+            for role, spec in specs.items()}
 
 
 def _open_engine(bundle: Path, manifest: dict[str, Any], name: str | None, record: dict[str, Any] | None, role: str,

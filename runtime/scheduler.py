@@ -31,6 +31,7 @@ import numpy as np
 
 from apd_deploy.errors import GenerationError
 from apd_deploy.runtime.canvas import Call, Canvas, Decoder, Step
+from apd_deploy.runtime.engine import DecoderEngine
 from apd_deploy.runtime.kv_cache import KVCache
 from apd_deploy.runtime.params import GenerationParams, check_integer
 from apd_deploy.runtime.results import Chunk, GenerationResult, Progress
@@ -116,25 +117,24 @@ class Active:
 
 
 class Scheduler:
-    def __init__(self, runtime: Runtime, max_batch: int = 8, max_queue: int = 256, max_seq_len: int | None = None) -> None:
+    def __init__(self, runtime: Runtime, max_batch: int = 8, max_queue: int = 256, max_seq_len: int | None = None,
+                 lanes: int = 1) -> None:
         check_integer("max_batch", max_batch, 1)
         check_integer("max_queue", max_queue, 1)
+        check_integer("lanes", lanes, 1, max_batch)
         if max_seq_len is not None:
             check_integer("max_seq_len", max_seq_len, 2, runtime.max_positions)
         self.runtime, self.max_batch, self.max_queue = runtime, max_batch, max_queue
         self.max_seq_len = max_seq_len or runtime.max_positions
-        self.engines = {"dllm": runtime.dllm, "verifier": runtime.verifier}
-        self.slots = {role: engine.new_slots(max_batch, self.max_seq_len) for role, engine in self.engines.items()}
         self._queue: deque[Active] = deque()
-        self._active: list[Active] = []  # index = slot
         self._wake = threading.Condition()
         self._closed = False
         self._next_id = 0
-        # Counters a server reports: iterations run and the requests in each.
-        self.iterations = 0
-        self.batch_sizes: dict[int, int] = defaultdict(int)
-        self._thread = threading.Thread(target=self._loop, name="apd-scheduler", daemon=True)
-        self._thread.start()
+        # Lane i takes every lanes-th slot of max_batch; each lane beyond one runs its own sessions.
+        engines = runtime.engines_for_lanes(lanes)
+        self.lanes = [Lane(self, engines[i], len(range(i, max_batch, lanes)), i) for i in range(lanes)]
+        for lane in self.lanes:
+            lane.thread.start()
 
     def __enter__(self) -> Scheduler:
         return self
@@ -148,7 +148,21 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        return sum(len(lane.active) for lane in self.lanes)
+
+    @property
+    def iterations(self) -> int:
+        """Iterations run, all lanes together (a server reports them)."""
+        return sum(lane.iterations for lane in self.lanes)
+
+    @property
+    def batch_sizes(self) -> dict[int, int]:
+        """How many iterations ran with each number of requests."""
+        sizes: dict[int, int] = defaultdict(int)
+        for lane in self.lanes:
+            for size, count in list(lane.batch_sizes.items()):
+                sizes[size] += count
+        return dict(sizes)
 
     def submit(self, prompt: str | Sequence[int], chat: bool = False, chunk_text: bool = True,
                **params: Any) -> RequestHandle:
@@ -175,7 +189,7 @@ class Scheduler:
             handle = RequestHandle(self._next_id)
             self._next_id += 1
             self._queue.append(Active(handle, ids, params, chunk_text, arrived))
-            self._wake.notify()
+            self._wake.notify_all()  # each lane looks for a free slot
         return handle
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
@@ -183,32 +197,51 @@ class Scheduler:
         with self._wake:
             self._closed = True
             if cancel:
-                for request in [*self._queue, *self._active]:
+                for request in [*self._queue, *(r for lane in self.lanes for r in lane.active)]:
                     request.handle.cancel()
-            self._wake.notify()
-        self._thread.join(timeout)
+            self._wake.notify_all()
+        for lane in self.lanes:
+            lane.thread.join(timeout)
+
+
+class Lane:
+    """One scheduling loop on its own thread: its engines, its slots' cache rows, its requests.
+    A CPU with several lanes runs them side by side, each call on fewer threads (see `lanes` in
+    `Runtime.scheduler`)."""
+
+    def __init__(self, scheduler: Scheduler, engines: dict[str, DecoderEngine], slots: int, index: int) -> None:
+        self.scheduler, self.engines, self.max_batch = scheduler, engines, slots
+        self.slots = {role: engine.new_slots(slots, scheduler.max_seq_len) for role, engine in engines.items()}
+        self.active: list[Active] = []  # index = slot
+        self.iterations = 0
+        self.batch_sizes: dict[int, int] = defaultdict(int)
+        self.thread = threading.Thread(target=self._loop, name=f"apd-scheduler-{index}", daemon=True)
 
     def _loop(self) -> None:
+        scheduler = self.scheduler
         while True:
-            with self._wake:
-                while not self._queue and not self._active and not self._closed:
-                    self._wake.wait()
-                if self._closed and not self._queue and not self._active:
+            with scheduler._wake:
+                while not self.active and not scheduler._queue and not scheduler._closed:
+                    scheduler._wake.wait()
+                if scheduler._closed and not scheduler._queue and not self.active:
                     return
                 self._admit()
+            if not self.active:  # another lane took what was queued
+                continue
             try:
                 self._iterate()
             except Exception as exc:  # a fault outside any one request's decoding: fail the batch, go on
-                for request in self._active:
+                for request in self.active:
                     self._end(request, error=exc)
                 self._leave()
 
     def _admit(self) -> None:
-        """Move queued requests into free slots (called holding the lock)."""
-        while self._queue and len(self._active) < self.max_batch:
-            request = self._queue.popleft()
-            request.slot = len(self._active)
-            self._active.append(request)
+        """Move queued requests into free slots (called holding the scheduler's lock)."""
+        queue = self.scheduler._queue
+        while queue and len(self.active) < self.max_batch:
+            request = queue.popleft()
+            request.slot = len(self.active)
+            self.active.append(request)
 
     def _start(self, request: Active) -> None:
         def new_cache(role: str, capacity: int) -> KVCache:
@@ -216,16 +249,17 @@ class Scheduler:
             request.caches.append(cache)
             return cache
 
-        request.canvas, request.decoder = self.runtime.start(request.ids, request.params, new_cache)
-        request.progress = Progress(request.canvas, self.runtime.eos_ids, self.runtime.tokenizer,
-                                    request.chunk_text, request.arrived)
+        runtime = self.scheduler.runtime
+        request.canvas, request.decoder = runtime.start(request.ids, request.params, new_cache)
+        request.progress = Progress(request.canvas, runtime.eos_ids, runtime.tokenizer, request.chunk_text,
+                                    request.arrived)
 
     def _iterate(self) -> None:
         """One step for every active request, their engine calls batched per model."""
         self.iterations += 1
-        self.batch_sizes[len(self._active)] += 1
+        self.batch_sizes[len(self.active)] += 1
         waiting = []
-        for request in self._active:
+        for request in self.active:
             if request.decoder is None:
                 self._start(request)
             if request.handle.cancelled:
@@ -296,18 +330,18 @@ class Scheduler:
 
     def _leave(self) -> None:
         """Free the slots of requests that ended: the last active request moves into each."""
-        with self._wake:
+        with self.scheduler._wake:
             slot = 0
-            while slot < len(self._active):
-                if not self._active[slot].finished:
+            while slot < len(self.active):
+                if not self.active[slot].finished:
                     slot += 1
                     continue
-                last = self._active.pop()
-                if slot < len(self._active) and not last.finished:
+                last = self.active.pop()
+                if slot < len(self.active) and not last.finished:
                     for cache in last.caches:
                         cache.slots.move(cache, slot)
                     last.slot = slot
-                    self._active[slot] = last
+                    self.active[slot] = last
                     slot += 1
 
 

@@ -68,6 +68,20 @@ def test_a_batched_request_gets_its_tokens_alone(runtime_without_eos, max_batch)
         assert got.finish_reason == "length"
 
 
+def test_lanes_decode_side_by_side_with_the_same_tokens(runtime_without_eos):
+    """Two scheduling loops, each on its own sessions at one thread: the same tokens as alone."""
+    requests = _requests()[:6]
+    alone = _alone(runtime_without_eos, requests)
+    with runtime_without_eos.scheduler(max_batch=4, lanes=2) as scheduler:
+        assert [lane.max_batch for lane in scheduler.lanes] == [2, 2]
+        lane_engines = [lane.engines["dllm"] for lane in scheduler.lanes]
+        assert lane_engines[0] is not lane_engines[1] is not runtime_without_eos.dllm
+        batched = [h.result(timeout=120) for h in [scheduler.submit(**r) for r in requests]]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    with pytest.raises(GenerationError, match="lanes must be at most 4"):
+        runtime_without_eos.scheduler(max_batch=4, lanes=5)
+
+
 def test_sampled_tokens_do_not_depend_on_the_batch(runtime_without_eos):
     """T > 0 with a seed: each request draws from its own generator, whatever shares its batch."""
     requests = _requests(sampled=True)

@@ -78,3 +78,34 @@ def test_step_profile_times_full_window_steps(tiny_bundle):
     assert runtime.eos_ids  # restored after the profile
     with pytest.raises(GenerationError, match="positions"):
         step_profile(runtime, Prompt([5]), (1024,), {})
+
+
+def test_bench_concurrency_writes_each_level(tiny_bundle, tmp_path):
+    out = tmp_path / "levels"
+    result = subprocess.run([CLI, "bench", str(tiny_bundle), "--random-prompts", "6", "--repeat", "2", "--max-new-tokens",
+                             "24", "--concurrency", "4,1,2", "--lanes", "2", "--threads", "2", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [r["concurrency"] for r in rows] == ["alone", "1", "2", "4"]
+    for row in rows:
+        assert row["requests"] == 6 and row["same_tokens_as_alone"] is True
+        assert row["tokens_per_second_min"] <= row["tokens_per_second"] <= row["tokens_per_second_max"]
+        assert 0 < row["first_chunk_p50_ms"] <= row["latency_p95_ms"] and row["latency_p50_ms"] <= row["latency_p95_ms"]
+        assert 1 <= row["mean_batch"] <= (int(row["concurrency"]) if row["concurrency"] != "alone" else 1)
+    assert rows[1]["speedup_vs_level_1"] == 1.0
+    assert (out / "throughput_vs_concurrency.png").is_file() and (out / "results.csv").is_file()
+    assert "first chunk p50/p95 ms" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--concurrency", "0"], "--concurrency must be at least 1"),
+    (["--concurrency", "1,x"], "give whole numbers"),
+    (["--concurrency", "2", "--algs", "apd,ar"], "measures one configuration"),
+    (["--concurrency", "2", "--sweep", "kv_window=4,8"], "drop --sweep"),
+    (["--lanes", "2"], "--lanes applies to --concurrency"),
+])
+def test_bench_concurrency_refuses_bad_options(tiny_bundle, tmp_path, args, message):
+    result = subprocess.run([CLI, "bench", str(tiny_bundle), "--random-prompts", "2", "--out", str(tmp_path), *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -81,7 +81,7 @@ def run_alone(runtime: Runtime, prompts: list[Prompt], params: dict[str, Any],
     return results, time.perf_counter() - started, 1.0
 
 
-def run_level(runtime: Runtime, prompts: list[Prompt], params: dict[str, Any], clients: int,
+def run_level(runtime: Runtime, prompts: list[Prompt], params: dict[str, Any], clients: int, lanes: int,
               progress: Callable[[], None]) -> tuple[list[GenerationResult], float, float]:
     """`clients` closed-loop clients over one scheduler; results in prompt order, wall seconds,
     mean batch size."""
@@ -105,7 +105,7 @@ def run_level(runtime: Runtime, prompts: list[Prompt], params: dict[str, Any], c
                 return
             progress()
 
-    with runtime.scheduler(max_batch=clients, max_queue=clients, max_seq_len=longest) as scheduler:
+    with runtime.scheduler(clients, max_queue=clients, max_seq_len=longest, lanes=min(lanes, clients)) as scheduler:
         threads = [threading.Thread(target=client, args=(scheduler,)) for _ in range(min(clients, len(prompts)))]
         started = time.perf_counter()
         for thread in threads:
@@ -138,7 +138,7 @@ def summarise(label: str, runs: list[tuple[list[GenerationResult], float, float]
 
 
 def benchmark_concurrency(runtime: Runtime, levels: list[int], prompts: list[Prompt], params: dict[str, Any],
-                          repeat: int, extract: Callable[[str], int | None] | None,
+                          repeat: int, extract: Callable[[str], int | None] | None, lanes: int = 1,
                           progress_total: Callable[[int], None] = lambda _: None,
                           progress: Callable[[], None] = lambda: None) -> list[LevelResult]:
     """The `alone` row, then one row per level; each run `repeat` times (the median run is reported)."""
@@ -150,7 +150,7 @@ def benchmark_concurrency(runtime: Runtime, levels: list[int], prompts: list[Pro
     alone.same_tokens_as_alone = all([r.token_ids for r in results] == alone_tokens for results, _, _ in alone_runs)
     rows = [alone]
     for level in levels:
-        runs = [run_level(runtime, prompts, params, level, progress) for _ in range(repeat)]
+        runs = [run_level(runtime, prompts, params, level, lanes, progress) for _ in range(repeat)]
         rows.append(summarise(str(level), runs, prompts, extract, alone_tokens))
     base = next((r for r in rows if r.concurrency == "1"), None)
     for row in rows:
