@@ -184,6 +184,8 @@ class Scheduler:
             if self._closed:
                 raise SchedulerClosed("the scheduler is closed and takes no more requests")
             if len(self._queue) >= self.max_queue:
+                self._drop_cancelled()
+            if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests wait for a slot); retry later, or "
                                 "make the scheduler with a larger max_queue")
             handle = RequestHandle(self._next_id)
@@ -191,6 +193,16 @@ class Scheduler:
             self._queue.append(Active(handle, ids, params, chunk_text, arrived))
             self._wake.notify_all()  # each lane looks for a free slot
         return handle
+
+    def _drop_cancelled(self) -> None:
+        """End the queued requests already cancelled, so that they hold no place in the queue
+        (called holding the lock)."""
+        for request in [r for r in self._queue if r.handle.cancelled]:
+            self._queue.remove(request)
+            canvas, decoder = self.runtime.start(request.ids, request.params, new_cache=None)
+            decoder.close()  # never started: it made no cache
+            progress = Progress(canvas, self.runtime.eos_ids, self.runtime.tokenizer, False, request.arrived)
+            request.handle._finish(progress.result(cancelled=True))
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         """Take no more requests, let the queued and active ones finish (or cancel them), and stop."""

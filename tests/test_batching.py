@@ -150,6 +150,10 @@ def test_a_full_queue_is_refused_and_a_closed_scheduler_takes_nothing(runtime_wi
         waiting = scheduler.submit(PROMPTS[0], max_new_tokens=5)
         with pytest.raises(QueueFull, match=r"queue is full \(1 requests wait"):
             scheduler.submit(PROMPTS[0], max_new_tokens=5)
+        waiting.cancel()  # a cancelled request gives up its place in the queue to the next
+        replacement = scheduler.submit(PROMPTS[0], max_new_tokens=5)
+        assert waiting.result(timeout=1).finish_reason == "cancelled" and waiting.result().token_ids == []
+        waiting = replacement
         running.cancel()
         assert waiting.result(timeout=120).finish_reason == "length"
     finally:
