@@ -304,6 +304,41 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
         click.echo(format_table(results))
 
 
+@cli.command("serve", context_settings=CONTEXT)
+@click.argument("bundle", type=click.Path())
+@click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; give an --api-key then).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests decoded together (slots).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests waiting for a slot; beyond it requests get 429 with Retry-After.")
+@click.option("--lanes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU engines: scheduling loops side by side, each with threads/lanes threads.")
+@threads_option
+@click.option("--api-key", envvar="APD_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1 routes  [env: APD_API_KEY]")
+@click.option("--served-model-name", help="The model name clients send  [default: the bundle folder's name]")
+@click.option("--max-tokens", type=click.IntRange(min=1),
+              help="Largest max_tokens a request may ask for  [default: the models' positions]")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="Largest request body; larger ones get 413.")
+@click.option("--grace-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On SIGTERM, how long requests in flight may take to finish.")
+@user_errors
+def serve_command(bundle: str, engine: str | None, host: str, port: int, max_batch: int, max_queue: int, lanes: int,
+                  threads: int | None, api_key: str | None, served_model_name: str | None, max_tokens: int | None,
+                  max_body_bytes: int, grace_seconds: float) -> None:
+    """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    from apd_deploy.server.serve import serve
+
+    if lanes > max_batch:
+        raise click.UsageError(f"--lanes {lanes} is more than --max-batch {max_batch}: each lane needs a slot")
+    serve(bundle, engine, host, port, max_batch, max_queue, lanes, threads, api_key, served_model_name, max_tokens,
+          max_body_bytes, grace_seconds)
+
+
 @cli.command("bench", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
 @click.option("--algs", callback=library_checked(parse_algs),

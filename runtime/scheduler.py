@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,8 +57,9 @@ class RequestHandle:
     """A submitted request: iterate for its chunks as steps commit them (blocking), `result()`
     for the whole generation, `cancel()` to stop it. Safe to use from any thread."""
 
-    def __init__(self, request_id: int) -> None:
+    def __init__(self, request_id: int, on_event: Callable[[Chunk | None], None] | None = None) -> None:
         self.id = request_id
+        self._on_event = on_event
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._result: GenerationResult | None = None
@@ -94,11 +95,15 @@ class RequestHandle:
 
     def _push(self, chunk: Chunk) -> None:
         self._chunks.put(chunk)
+        if self._on_event is not None:
+            self._on_event(chunk)
 
     def _finish(self, result: GenerationResult | None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
         self._done.set()
         self._chunks.put(_END)
+        if self._on_event is not None:
+            self._on_event(None)
 
 
 class Active:
@@ -130,6 +135,9 @@ class Scheduler:
         self._wake = threading.Condition()
         self._closed = False
         self._next_id = 0
+        # Called on a lane's thread after each iteration with its seconds and its number of requests
+        # (a server's step-latency and batch-size metrics).
+        self.on_iteration: Callable[[float, int], None] | None = None
         # Lane i takes every lanes-th slot of max_batch; each lane beyond one runs its own sessions.
         engines = runtime.engines_for_lanes(lanes)
         self.lanes = [Lane(self, engines[i], len(range(i, max_batch, lanes)), i) for i in range(lanes)]
@@ -171,8 +179,12 @@ class Scheduler:
         ids, p = self.runtime.request(prompt, chat, params)
         return self.submit_prepared(ids, p, chunk_text)
 
-    def submit_prepared(self, ids: np.ndarray, params: GenerationParams, chunk_text: bool = True) -> RequestHandle:
-        """Queue a request already checked by `Runtime.request`."""
+    def submit_prepared(self, ids: np.ndarray, params: GenerationParams, chunk_text: bool = True,
+                        on_event: Callable[[Chunk | None], None] | None = None) -> RequestHandle:
+        """Queue a request already checked by `Runtime.request`. `on_event`, if given, is called on
+        the scheduler's thread with each chunk and with None once the request has ended (its
+        result or error is then ready): how an event loop learns of progress without a thread
+        blocked per request."""
         if len(ids) + params.max_new_tokens > self.max_seq_len:
             raise GenerationError(
                 f"prompt of {len(ids)} tokens + --max-new-tokens {params.max_new_tokens} exceeds the scheduler's "
@@ -188,7 +200,7 @@ class Scheduler:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests wait for a slot); retry later, or "
                                 "make the scheduler with a larger max_queue")
-            handle = RequestHandle(self._next_id)
+            handle = RequestHandle(self._next_id, on_event)
             self._next_id += 1
             self._queue.append(Active(handle, ids, params, chunk_text, arrived))
             self._wake.notify_all()  # each lane looks for a free slot
@@ -268,8 +280,9 @@ class Lane:
 
     def _iterate(self) -> None:
         """One step for every active request, their engine calls batched per model."""
+        started, batch = time.perf_counter(), len(self.active)
         self.iterations += 1
-        self.batch_sizes[len(self.active)] += 1
+        self.batch_sizes[batch] += 1
         waiting = []
         for request in self.active:
             if request.decoder is None:
@@ -290,6 +303,8 @@ class Lane:
                 if group:
                     waiting += self._run_batched(role, group)
         self._leave()
+        if self.scheduler.on_iteration is not None:
+            self.scheduler.on_iteration(time.perf_counter() - started, batch)
 
     def _advance(self, request: Active) -> Call | Step | None:
         """Resume the request's decoder until it asks for a call or commits a step."""

@@ -43,7 +43,9 @@ class BundleTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, prompt: str) -> list[int]:
+    def apply_chat_template(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation (a user prompt, or messages with `role` and `content`) ending
+        with the template's generation prompt."""
         if not self.chat_template:
             raise GenerationError("--chat: the bundle's tokenizer has no chat template; drop --chat")
         import jinja2
@@ -56,7 +58,8 @@ class BundleTokenizer:
         env.globals["raise_exception"] = raise_exception
         try:
             text = env.from_string(self.chat_template).render(
-                messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, **self.special
+                messages=[{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
+                add_generation_prompt=True, **self.special
             )
         except jinja2.TemplateError as exc:
             raise GenerationError(f"the bundle's chat template failed to render: {exc}") from None

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,26 @@ def tiny_fp16_bundle(tiny_pair, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle-fp16") / "b"
     export_bundle(tiny_pair / "dllm", tiny_pair / "verifier", out, dtype="fp16")
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory):
+    """The bundled trained pair (models/arithmetic), exported with its onnxruntime engine."""
+    from apd_deploy.engines.build import build_engine
+    from apd_deploy.export.pipeline import export_bundle
+
+    models = Path(__file__).parents[1] / "models" / "arithmetic"
+    out = tmp_path_factory.mktemp("demo") / "bundle"
+    export_bundle(models / "dllm", models / "verifier", out)
+    build_engine(out, "onnxruntime")
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_runtime(demo_bundle):
+    from apd_deploy.runtime import Runtime
+
+    return Runtime.load(demo_bundle, engine="onnxruntime-cpu-fp32")
 
 
 @pytest.fixture(scope="module")

@@ -12,29 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from apd_deploy.engines.build import build_engine
 from apd_deploy.errors import GenerationError
 from apd_deploy.evaluation import evaluate, parse_algs
-from apd_deploy.export.pipeline import export_bundle
-from apd_deploy.runtime import Runtime
 from apd_deploy.tasks.arithmetic import SPLITS, extract_answer, problems
 
 REPO = Path(__file__).parents[1]
 MODELS = REPO / "models" / "arithmetic"
 CLI = str(Path(sys.executable).with_name("apd-deploy"))
-
-
-@pytest.fixture(scope="module")
-def demo_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "bundle"
-    export_bundle(MODELS / "dllm", MODELS / "verifier", out)
-    build_engine(out, "onnxruntime")
-    return out
-
-
-@pytest.fixture(scope="module")
-def demo_runtime(demo_bundle):
-    return Runtime.load(demo_bundle, engine="onnxruntime-cpu-fp32")
 
 
 def test_splits_never_share_a_problem():
