@@ -339,6 +339,76 @@ def serve_command(bundle: str, engine: str | None, host: str, port: int, max_bat
           max_body_bytes, grace_seconds)
 
 
+@cli.command("bench-serve", context_settings=CONTEXT)
+@click.argument("url")
+@click.option("--concurrency", "levels", default="1,4,16", show_default=True, callback=library_checked(parse_levels),
+              help="Concurrent clients per level, comma-separated.")
+@click.option("--requests", type=click.IntRange(min=1), default=64, show_default=True, help="Requests per level.")
+@click.option("--stream", is_flag=True, help="Stream the answers (time to first token from the first chunk).")
+@click.option("--task", type=click.Choice(sorted(TASKS)), help="Chat requests from a task's test problems (accuracy "
+              "is measured)  [default: arithmetic, unless --prompts]")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
+              help="Completion requests, one text prompt per line.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="max_tokens per request.")
+@click.option("--model", help="The model field of each request  [default: none, the server's]")
+@click.option("--api-key", envvar="APD_API_KEY", help="Sent as 'Authorization: Bearer KEY'  [env: APD_API_KEY]")
+@click.option("--compare-bundle", type=click.Path(), help="Also time Runtime.generate on the same prompts in this "
+              "process, for the server's overhead at concurrency 1 (the bundle the server serves).")
+@click.option("--engine", help="With --compare-bundle: the engine the server runs.")
+@threads_option
+@click.option("--out", type=click.Path(file_okay=False), default="bench-serve-results", show_default=True,
+              help="Directory for results.json, results.csv and serve_vs_concurrency.png.")
+@user_errors
+def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task: str | None, prompts_file: str | None,
+                        max_tokens: int, model: str | None, api_key: str | None, compare_bundle: str | None,
+                        engine: str | None, threads: int | None, out: str) -> None:
+    """Load a running server (apd-deploy serve, or any OpenAI-compatible one) at URL; JSON, CSV, PNG."""
+    import itertools
+
+    from apd_deploy.bench.plots import plot_serve
+    from apd_deploy.bench.report import write_rows
+    from apd_deploy.bench.serving import format_serve, jobs_from, run_level, runtime_baseline, summarise
+
+    if task and prompts_file:
+        raise click.UsageError("give --task or --prompts, not both")
+    extract = None
+    if prompts_file:
+        lines = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        if not lines:
+            raise click.UsageError(f"{prompts_file}: no prompts (one per line)")
+        jobs = jobs_from(None, lines, [None] * len(lines), max_tokens, model)
+    else:
+        problems = list(itertools.islice(TASKS[task or "arithmetic"].problems("test"), requests))
+        jobs = jobs_from([p.question for p in problems], None, [p.answer for p in problems], max_tokens, model)
+        extract = TASKS[task or "arithmetic"].extract_answer
+    rows = []
+    url = url.rstrip("/")
+    bar = click.progressbar(length=requests * len(parse_levels(levels)), label="loading the server", file=sys.stderr)
+    with bar:
+        for level in parse_levels(levels):
+            samples, seconds = run_level(url, jobs, level, requests, stream, api_key, progress=lambda: bar.update(1))
+            rows.append(summarise(level, samples, seconds, jobs, extract))
+    base = next((r for r in rows if r.concurrency == 1), None)
+    for row in rows:
+        row.speedup_vs_level_1 = row.tokens_per_second / base.tokens_per_second if base and base.tokens_per_second else None
+    settings: dict[str, Any] = {"url": url, "concurrency": parse_levels(levels), "requests": requests, "stream": stream,
+                                "task": None if prompts_file else task or "arithmetic", "prompts": prompts_file,
+                                "max_tokens": max_tokens}
+    click.echo(format_serve(rows))
+    if compare_bundle and base is not None:
+        alone, answers = runtime_baseline(compare_bundle, engine, threads, jobs[: min(len(jobs), requests)])
+        overhead = base.latency_p50_ms / 1000 - alone
+        same = answers == base.answers[: len(answers)]
+        settings["baseline"] = {"bundle": compare_bundle, "engine": engine, "runtime_p50_ms": 1000 * alone,
+                                "server_p50_ms": base.latency_p50_ms, "overhead_ms": 1000 * overhead,
+                                "overhead_share": overhead / (base.latency_p50_ms / 1000), "same_answers": same}
+        click.echo(f"concurrency 1: server p50 {base.latency_p50_ms:.1f} ms, Runtime.generate p50 {1000 * alone:.1f} ms: "
+                   f"overhead {1000 * overhead:.1f} ms ({settings['baseline']['overhead_share']:.1%} of a request)"
+                   f"{'' if same else '; the answers differ'}")
+    written = [*write_rows(Path(out), "results", settings, [r.row() for r in rows]), plot_serve(rows, Path(out))]
+    click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
 @cli.command("bench", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
 @click.option("--algs", callback=library_checked(parse_algs),

@@ -16,6 +16,7 @@ class BundleTokenizer:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
         self.chat_template = chat_template
         self.special = special
+        self._compiled = None
 
     @classmethod
     def from_bundle(cls, bundle: Path, manifest: dict[str, Any]) -> BundleTokenizer | None:
@@ -49,15 +50,9 @@ class BundleTokenizer:
         if not self.chat_template:
             raise GenerationError("--chat: the bundle's tokenizer has no chat template; drop --chat")
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message: str) -> None:
-            raise GenerationError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
         try:
-            text = env.from_string(self.chat_template).render(
+            text = self._template().render(
                 messages=[{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
                 add_generation_prompt=True, **self.special
             )
@@ -65,6 +60,19 @@ class BundleTokenizer:
             raise GenerationError(f"the bundle's chat template failed to render: {exc}") from None
         # The template writes the special tokens itself.
         return self.encode(text, add_special_tokens=False)
+
+    def _template(self):
+        """The chat template compiled once (a compile costs more than a render)."""
+        if self._compiled is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str) -> None:
+                raise GenerationError(f"chat template: {message}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._compiled = env.from_string(self.chat_template)
+        return self._compiled
 
 
 class TextStream:

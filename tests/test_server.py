@@ -220,3 +220,29 @@ def test_sigterm_lets_requests_in_flight_finish(tiny_bundle):
         assert proc.wait(timeout=60) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/health", timeout=2)
+
+
+def test_bench_serve_measures_levels_and_the_overhead(demo_server, demo_bundle, tmp_path):
+    out = tmp_path / "serve"
+    result = subprocess.run([CLI, "bench-serve", demo_server, "--concurrency", "1,2", "--requests", "4", "--stream",
+                             "--compare-bundle", str(demo_bundle), "--engine", "onnxruntime-cpu-fp32", "--threads", "1",
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "results.json").read_text())
+    rows = data["results"]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["requests"] == 4 and row["errors"] == "{}" and row["tokens_per_second"] > 0
+        assert 0 < row["first_token_p50_ms"] <= row["latency_p95_ms"] and row["accuracy"] >= 0.75
+    baseline = data["settings"]["baseline"]
+    assert baseline["same_answers"] is True and baseline["runtime_p50_ms"] > 0
+    assert (out / "serve_vs_concurrency.png").is_file() and "overhead" in result.stdout
+
+
+def test_bench_serve_counts_errors(guarded_server, tmp_path):
+    """Without the key every request is refused: counted by status, not a crash."""
+    result = subprocess.run([CLI, "bench-serve", guarded_server, "--concurrency", "1", "--requests", "2",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "APD_API_KEY"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["results"][0]["errors"] == '{"401": 2}'

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from apd_deploy.bench.concurrency import LevelResult
 from apd_deploy.bench.runner import ConfigResult
+from apd_deploy.bench.serving import ServeLevel
 
 SWEEP_AXES = {"apd_mixture_weight": "R (mixture weight)", "kv_window": "W (KV window)", "max_lookahead": "M (max lookahead)"}
 
@@ -112,3 +113,23 @@ def plot_concurrency(rows: list[LevelResult], out: Path) -> Path:
     ax.set_title("Throughput against concurrency")
     ax.legend()
     return _save(plt, fig, out / "throughput_vs_concurrency.png")
+
+
+def plot_serve(rows: list[ServeLevel], out: Path) -> Path:
+    """A server's throughput and latency against concurrent clients."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    x = [r.concurrency for r in rows]
+    left.plot(x, [r.tokens_per_second for r in rows], "o-")
+    left.set_ylabel("tokens / s (all clients)")
+    right.plot(x, [r.latency_p50_ms for r in rows], "o-", label="latency p50")
+    right.plot(x, [r.latency_p95_ms for r in rows], "s--", label="latency p95")
+    right.plot(x, [r.first_token_p50_ms for r in rows], "^:", label="first token p50")
+    right.set_ylabel("ms")
+    right.legend()
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.set_xlabel("concurrent clients")
+    fig.suptitle("apd-deploy serve under load")
+    return _save(plt, fig, out / "serve_vs_concurrency.png")

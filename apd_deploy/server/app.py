@@ -69,21 +69,7 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig) -> 
         message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
         return JSONResponse(OpenAIError(exc.status_code, message, code="not_found").body(), status_code=exc.status_code)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """The API key and the body limit for /v1, and the request counter for every route."""
-        path = request.url.path
-        try:
-            if path.startswith("/v1/"):
-                _check_key(request, config.api_key)
-                length = request.headers.get("content-length")
-                if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-                    raise OpenAIError(413, f"the request body is over {config.max_body_bytes} bytes", code="body_too_large")
-            response = await call_next(request)
-        except OpenAIError as exc:
-            response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-        metrics.requests.labels(path if path in ROUTES else "other", str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, config=config, metrics=metrics)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -222,10 +208,43 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig) -> 
 ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
 
 
-def _check_key(request: Request, api_key: str | None) -> None:
+class Guard:
+    """The API key and the body limit for /v1 routes, and the request counter for every route: a
+    plain ASGI middleware (Starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
+
+    def __init__(self, app, config: ServerConfig, metrics: Metrics) -> None:
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, status = scope["path"], [500]
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if path.startswith("/v1/"):
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+                _check_key(headers.get("authorization", ""), self.config.api_key)
+                length = headers.get("content-length")
+                if length is not None and (not length.isdigit() or int(length) > self.config.max_body_bytes):
+                    raise OpenAIError(413, f"the request body is over {self.config.max_body_bytes} bytes",
+                                      code="body_too_large")
+        except OpenAIError as exc:
+            await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)(scope, receive, counted)
+        else:
+            await self.app(scope, receive, counted)
+        finally:
+            self.metrics.requests.labels(path if path in ROUTES else "other", str(status[0])).inc()
+
+
+def _check_key(header: str, api_key: str | None) -> None:
     if api_key is None:
         return
-    header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
     # compare_digest: the time taken does not tell how much of a wrong key was right.
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):

@@ -1,0 +1,174 @@
+"""`apd-deploy bench-serve URL`: load on a running server, as its clients make it.
+
+At each concurrency level c, c clients send requests in a closed loop (each its next request as
+soon as its last is answered) until `requests` are answered. Per level: total tokens/s over the
+wall time, latency and time to first token (p50/p95; without --stream the first token comes with
+the answer), errors by status. With a bundle to compare against, the same prompts also run
+through `Runtime.generate` in this process after the server's levels, one after another: the
+server's overhead at concurrency 1 (HTTP, JSON, scheduling) is its latency less that time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+from apd_deploy.bench.concurrency import percentile
+
+
+@dataclass
+class Sample:
+    latency: float
+    first_token: float | None
+    tokens: int
+    status: int
+    answer: str = ""
+
+
+@dataclass
+class ServeLevel:
+    concurrency: int
+    requests: int
+    errors: dict[str, int]  # HTTP status (or 'transport') -> count
+    seconds: float
+    tokens_per_second: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    first_token_p50_ms: float
+    first_token_p95_ms: float
+    speedup_vs_level_1: float | None = None
+    accuracy: float | None = None
+    answers: list[str] = field(default_factory=list, repr=False)
+
+    def row(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("answers")
+        out["errors"] = json.dumps(self.errors, sort_keys=True)
+        return out
+
+
+@dataclass(frozen=True)
+class Job:
+    path: str  # /v1/chat/completions or /v1/completions
+    body: dict[str, Any]
+    answer: int | None = None
+
+
+def jobs_from(questions: list[str] | None, prompts: list[str] | None, answers: list[int | None], max_tokens: int,
+              model: str | None) -> list[Job]:
+    """Chat requests for task questions, completions for raw prompts."""
+    base = {"max_tokens": max_tokens, "temperature": 0, **({"model": model} if model else {})}
+    if questions is not None:
+        return [Job("/v1/chat/completions", {**base, "messages": [{"role": "user", "content": q}]}, a)
+                for q, a in zip(questions, answers)]
+    return [Job("/v1/completions", {**base, "prompt": p}) for p in prompts]
+
+
+def one_request(client: httpx.Client, job: Job, stream: bool) -> Sample:
+    started = time.perf_counter()
+    body = {**job.body, **({"stream": True, "stream_options": {"include_usage": True}} if stream else {})}
+    try:
+        if not stream:
+            response = client.post(job.path, json=body)
+            latency = time.perf_counter() - started
+            if response.status_code != 200:
+                return Sample(latency, None, 0, response.status_code)
+            data = response.json()
+            choice = data["choices"][0]
+            text = choice["message"]["content"] if "message" in choice else choice["text"]
+            return Sample(latency, latency, data["usage"]["completion_tokens"], 200, text)
+        first, tokens, pieces = None, 0, []
+        with client.stream("POST", job.path, json=body) as response:
+            if response.status_code != 200:
+                response.read()
+                return Sample(time.perf_counter() - started, None, 0, response.status_code)
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                for choice in event.get("choices", []):
+                    piece = choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
+                    if piece:
+                        first = first if first is not None else time.perf_counter() - started
+                        pieces.append(piece)
+        return Sample(time.perf_counter() - started, first, tokens, 200, "".join(pieces))
+    except httpx.TransportError:
+        return Sample(time.perf_counter() - started, None, 0, -1)
+
+
+def run_level(url: str, jobs: list[Job], clients: int, requests: int, stream: bool, api_key: str | None,
+              progress=lambda: None) -> tuple[list[Sample], float]:
+    """`requests` requests (the jobs in turn) from `clients` closed-loop clients; samples in job order."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    samples: list[Sample | None] = [None] * requests
+    next_index = iter(range(requests))
+    lock = threading.Lock()
+
+    def client_loop() -> None:
+        with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+            while True:
+                with lock:
+                    index = next(next_index, None)
+                if index is None:
+                    return
+                samples[index] = one_request(client, jobs[index % len(jobs)], stream)
+                progress()
+
+    threads = [threading.Thread(target=client_loop) for _ in range(min(clients, requests))]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return samples, time.perf_counter() - started
+
+
+def summarise(level: int, samples: list[Sample], seconds: float, jobs: list[Job], extract) -> ServeLevel:
+    ok = [s for s in samples if s.status == 200]
+    errors = Counter("transport" if s.status == -1 else str(s.status) for s in samples if s.status != 200)
+    latencies = [1000 * s.latency for s in ok]
+    firsts = [1000 * s.first_token for s in ok if s.first_token is not None]
+    accuracy = None
+    if extract is not None and all(j.answer is not None for j in jobs):
+        scored = [(s, jobs[i % len(jobs)]) for i, s in enumerate(samples)]
+        accuracy = sum(s.status == 200 and extract(s.answer) == j.answer for s, j in scored) / len(samples)
+    return ServeLevel(level, len(samples), dict(errors), round(seconds, 4), sum(s.tokens for s in ok) / seconds,
+                      percentile(latencies, 50), percentile(latencies, 95), percentile(firsts, 50),
+                      percentile(firsts, 95), accuracy=accuracy, answers=[s.answer for s in samples])
+
+
+def runtime_baseline(bundle: str, engine: str | None, threads: int | None, jobs: list[Job]) -> tuple[float, list[str]]:
+    """Median seconds of `Runtime.generate` on each job, alone, and its answers."""
+    from apd_deploy.runtime import Runtime
+
+    runtime = Runtime.load(bundle, engine=engine, threads=threads)
+    seconds, answers = [], []
+    for job in jobs:
+        body = job.body
+        prompt = body["messages"][0]["content"] if "messages" in body else body["prompt"]
+        started = time.perf_counter()
+        result = runtime.generate(prompt, chat="messages" in body, max_new_tokens=body["max_tokens"])
+        seconds.append(time.perf_counter() - started)
+        answers.append(result.text)
+    return statistics.median(seconds), answers
+
+
+def format_serve(rows: list[ServeLevel]) -> str:
+    header = ("concurrency", "requests", "errors", "tokens/s", "vs 1", "latency p50/p95 ms", "first token p50/p95 ms", "acc")
+    table = [header] + [(str(r.concurrency), str(r.requests), ",".join(f"{k}:{v}" for k, v in r.errors.items()) or "0",
+                         f"{r.tokens_per_second:.1f}",
+                         "-" if r.speedup_vs_level_1 is None else f"{r.speedup_vs_level_1:.2f}x",
+                         f"{r.latency_p50_ms:.0f}/{r.latency_p95_ms:.0f}",
+                         f"{r.first_token_p50_ms:.0f}/{r.first_token_p95_ms:.0f}",
+                         "-" if r.accuracy is None else f"{r.accuracy:.1%}") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
