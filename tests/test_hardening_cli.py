@@ -13,7 +13,7 @@ from apd_deploy.cli import cli, main
 from apd_deploy.runtime import Runtime
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-MY_COMMANDS = ("generate", "eval", "bench", "build-engine")
+MY_COMMANDS = ("generate", "eval", "bench", "build-engine", "serve", "bench-serve")
 NO_BUNDLE = "no-such-bundle"  # usage errors are found before a bundle is opened
 
 
@@ -238,7 +238,7 @@ def test_every_option_has_help(name):
 @pytest.mark.parametrize("name", MY_COMMANDS)
 def test_readme_synopsis_lists_every_flag(name):
     text = README.read_text()
-    start = text.index(f"apd-deploy {name} BUNDLE")
+    start = re.search(rf"apd-deploy {re.escape(name)} (BUNDLE|URL)", text).start()
     synopsis = text[start : text.index("`", start)]
     flags = [flag for p in _options(name) for flag in p.opts + p.secondary_opts if flag.startswith("--")]
     assert [flag for flag in flags if not re.search(re.escape(flag) + r"(?![\w-])", synopsis)] == []
