@@ -352,8 +352,8 @@ def serve_command(bundle: str, engine: str | None, host: str, port: int, max_bat
 @click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="max_tokens per request.")
 @click.option("--model", help="The model field of each request  [default: none, the server's]")
 @click.option("--api-key", envvar="APD_API_KEY", help="Sent as 'Authorization: Bearer KEY'  [env: APD_API_KEY]")
-@click.option("--compare-bundle", type=click.Path(), help="Also time Runtime.generate on the same prompts in this "
-              "process, for the server's overhead at concurrency 1 (the bundle the server serves).")
+@click.option("--compare-bundle", type=click.Path(), help="Also send the prompts one at a time, each followed by "
+              "Runtime.generate on it in this process: the server's overhead (the bundle the server serves).")
 @click.option("--engine", help="With --compare-bundle: the engine the server runs.")
 @threads_option
 @click.option("--out", type=click.Path(file_okay=False), default="bench-serve-results", show_default=True,
@@ -367,7 +367,7 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
 
     from apd_deploy.bench.plots import plot_serve
     from apd_deploy.bench.report import write_rows
-    from apd_deploy.bench.serving import format_serve, jobs_from, run_level, runtime_baseline, summarise
+    from apd_deploy.bench.serving import format_serve, jobs_from, paired_overhead, run_level, summarise
 
     if task and prompts_file:
         raise click.UsageError("give --task or --prompts, not both")
@@ -395,16 +395,12 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
                                 "task": None if prompts_file else task or "arithmetic", "prompts": prompts_file,
                                 "max_tokens": max_tokens}
     click.echo(format_serve(rows))
-    if compare_bundle and base is not None:
-        alone, answers = runtime_baseline(compare_bundle, engine, threads, jobs[: min(len(jobs), requests)])
-        overhead = base.latency_p50_ms / 1000 - alone
-        same = answers == base.answers[: len(answers)]
-        settings["baseline"] = {"bundle": compare_bundle, "engine": engine, "runtime_p50_ms": 1000 * alone,
-                                "server_p50_ms": base.latency_p50_ms, "overhead_ms": 1000 * overhead,
-                                "overhead_share": overhead / (base.latency_p50_ms / 1000), "same_answers": same}
-        click.echo(f"concurrency 1: server p50 {base.latency_p50_ms:.1f} ms, Runtime.generate p50 {1000 * alone:.1f} ms: "
-                   f"overhead {1000 * overhead:.1f} ms ({settings['baseline']['overhead_share']:.1%} of a request)"
-                   f"{'' if same else '; the answers differ'}")
+    if compare_bundle:
+        b = settings["baseline"] = paired_overhead(url, jobs[: min(len(jobs), requests)], stream, api_key,
+                                                   compare_bundle, engine, threads)
+        click.echo(f"one at a time, {b['pairs']} pairs: server p50 {b['server_p50_ms']:.1f} ms, Runtime.generate p50 "
+                   f"{b['runtime_p50_ms']:.1f} ms; overhead (median of the pairs) {b['overhead_ms']:.1f} ms, "
+                   f"{b['overhead_share']:.1%} of a request{'' if b['same_answers'] else '; the answers differ'}")
     written = [*write_rows(Path(out), "results", settings, [r.row() for r in rows]), plot_serve(rows, Path(out))]
     click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
 

@@ -235,7 +235,7 @@ def test_bench_serve_measures_levels_and_the_overhead(demo_server, demo_bundle, 
         assert row["requests"] == 4 and row["errors"] == "{}" and row["tokens_per_second"] > 0
         assert 0 < row["first_token_p50_ms"] <= row["latency_p95_ms"] and row["accuracy"] >= 0.75
     baseline = data["settings"]["baseline"]
-    assert baseline["same_answers"] is True and baseline["runtime_p50_ms"] > 0
+    assert baseline["same_answers"] is True and baseline["runtime_p50_ms"] > 0 and baseline["pairs"] == 4
     assert (out / "serve_vs_concurrency.png").is_file() and "overhead" in result.stdout
 
 

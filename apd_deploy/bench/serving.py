@@ -3,9 +3,9 @@
 At each concurrency level c, c clients send requests in a closed loop (each its next request as
 soon as its last is answered) until `requests` are answered. Per level: total tokens/s over the
 wall time, latency and time to first token (p50/p95; without --stream the first token comes with
-the answer), errors by status. With a bundle to compare against, the same prompts also run
-through `Runtime.generate` in this process after the server's levels, one after another: the
-server's overhead at concurrency 1 (HTTP, JSON, scheduling) is its latency less that time.
+the answer), errors by status. With a bundle to compare against, each prompt is then sent alone and
+run through `Runtime.generate` in this process right after: the server's overhead at
+concurrency 1 (HTTP, JSON, scheduling) is the median of the paired differences.
 """
 
 from __future__ import annotations
@@ -146,20 +146,32 @@ def summarise(level: int, samples: list[Sample], seconds: float, jobs: list[Job]
                       percentile(firsts, 95), accuracy=accuracy, answers=[s.answer for s in samples])
 
 
-def runtime_baseline(bundle: str, engine: str | None, threads: int | None, jobs: list[Job]) -> tuple[float, list[str]]:
-    """Median seconds of `Runtime.generate` on each job, alone, and its answers."""
+def paired_overhead(url: str, jobs: list[Job], stream: bool, api_key: str | None, bundle: str, engine: str | None,
+                    threads: int | None) -> dict[str, Any]:
+    """Each job through the server (alone) and then through `Runtime.generate` in this process,
+    back to back, so that both see the machine in the same state: the server's overhead is the
+    median of the paired differences."""
     from apd_deploy.runtime import Runtime
 
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
-    seconds, answers = [], []
-    for job in jobs:
-        body = job.body
-        prompt = body["messages"][0]["content"] if "messages" in body else body["prompt"]
-        started = time.perf_counter()
-        result = runtime.generate(prompt, chat="messages" in body, max_new_tokens=body["max_tokens"])
-        seconds.append(time.perf_counter() - started)
-        answers.append(result.text)
-    return statistics.median(seconds), answers
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    served, alone, same = [], [], True
+    with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+        for job in jobs:
+            sample = one_request(client, job, stream)
+            body = job.body
+            prompt = body["messages"][0]["content"] if "messages" in body else body["prompt"]
+            started = time.perf_counter()
+            result = runtime.generate(prompt, chat="messages" in body, max_new_tokens=body["max_tokens"])
+            alone.append(time.perf_counter() - started)
+            served.append(sample.latency)
+            same = same and sample.status == 200 and sample.answer == result.text
+    differences = [s - a for s, a in zip(served, alone)]
+    server_ms, runtime_ms = 1000 * statistics.median(served), 1000 * statistics.median(alone)
+    overhead_ms = 1000 * statistics.median(differences)
+    return {"bundle": bundle, "engine": engine, "pairs": len(jobs), "server_p50_ms": server_ms,
+            "runtime_p50_ms": runtime_ms, "overhead_ms": overhead_ms, "overhead_share": overhead_ms / server_ms,
+            "same_answers": same}
 
 
 def format_serve(rows: list[ServeLevel]) -> str:

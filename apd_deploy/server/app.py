@@ -115,9 +115,15 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig) -> 
         turn = Turn(parsed, params, len(ids), kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                     int(time.time()))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        # A whole answer without stop strings needs no text per step, nor a wake-up of the loop per step.
+        chunked = parsed.stream or bool(parsed.stops)
+
+        def on_event(event) -> None:
+            if chunked or event is None:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
         try:
-            handle = scheduler.submit_prepared(ids, params, chunk_text=True,
-                                               on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+            handle = scheduler.submit_prepared(ids, params, chunk_text=chunked, on_event=on_event)
         except QueueFull as exc:
             raise OpenAIError(429, str(exc), code="queue_full",
                               headers={"Retry-After": str(config.retry_after_seconds)}) from None
@@ -150,7 +156,9 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig) -> 
             handle.cancel()
             raise
         result = _result_or_error(handle)
-        if not stops.stopped:
+        if not turn.parsed.stops:
+            text = [result.text or ""]
+        elif not stops.stopped:
             text.append(stops.flush())
         finish = "stop" if stops.stopped else result.finish_reason
         metrics.finished(result, turn.prompt_tokens)
