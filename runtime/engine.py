@@ -1,9 +1,10 @@
 """Engine backends: run one exported decoder graph, behind one small interface.
 
-Every backend takes token ids and a `KVCache` and returns logits and the window's keys/values
-as arrays of its array module (`xp`): numpy for onnxruntime on the CPU (here), cupy for
-onnxruntime's CUDA provider (`cuda_engine.py`) and for TensorRT (`tensorrt_engine.py`). The
-cache buffer lives where the engine reads it.
+Every backend takes a batch of `EngineCall`s (each request's token ids, its `KVCache` and the
+rows it wants logits for; one call for a request decoding alone) and returns, per call, logits
+and the window's keys/values as arrays of its array module (`xp`): numpy for onnxruntime on the
+CPU (here), cupy for onnxruntime's CUDA provider (`cuda_engine.py`) and for TensorRT
+(`tensorrt_engine.py`). The cache buffers live where the engine reads them.
 """
 
 from __future__ import annotations

@@ -38,9 +38,10 @@ def logits_for_every_row() -> Iterator[None]:
     """Before: every engine call computes logits for its whole window; the host keeps the rows it needs."""
     run = engine.OrtCpuDecoder.run
 
-    def every_row(self, ids, cache, rows=None):
-        logits, new_kv = run(self, ids, cache)
-        return (logits if rows is None else logits[rows]), new_kv
+    def every_row(self, calls):
+        outputs = run(self, [engine.EngineCall(call.ids, call.cache) for call in calls])
+        return [((logits if call.rows is None else logits[call.rows]), new_kv)
+                for call, (logits, new_kv) in zip(calls, outputs)]
 
     engine.OrtCpuDecoder.run = every_row
     try:
