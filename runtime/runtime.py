@@ -51,6 +51,7 @@ class Runtime:
         self.threads: int | None = None  # onnxruntime threads per model (set by `load`)
         self._open_engines: Callable[[int], dict[str, DecoderEngine]] | None = None
         self._lane_engines: dict[int, list[dict[str, DecoderEngine]]] = {}
+        self.engine_max_batch: tuple[str, int] | None = None  # (engine, largest batch it was built for)
 
     @classmethod
     def load(cls, bundle: str | Path, engine: str | None = None, threads: int | None = None,
@@ -88,6 +89,8 @@ class Runtime:
         runtime = cls(bundle, manifest, engines["dllm"], engines["verifier"], BundleTokenizer.from_bundle(bundle, manifest),
                       record.get("max_seq_len") if record else None)
         runtime.threads, runtime._open_engines = threads, open_engines
+        if record and record.get("max_batch"):  # TensorRT: its profiles hold batches up to this
+            runtime.engine_max_batch = (engine, record["max_batch"])
         return runtime
 
     def params(self, **overrides: Any) -> GenerationParams:

@@ -129,6 +129,12 @@ class Scheduler:
         check_integer("lanes", lanes, 1, max_batch)
         if max_seq_len is not None:
             check_integer("max_seq_len", max_seq_len, 2, runtime.max_positions)
+        if runtime.engine_max_batch is not None and max_batch > runtime.engine_max_batch[1]:
+            name, most = runtime.engine_max_batch
+            raise GenerationError(
+                f"engine '{name}' was built for batches of at most {most}; use a max batch of {most} or less, or "
+                f"rebuild it with apd-deploy build-engine --max-batch {max_batch}"
+            )
         self.runtime, self.max_batch, self.max_queue = runtime, max_batch, max_queue
         self.max_seq_len = max_seq_len or runtime.max_positions
         self._queue: deque[Active] = deque()

@@ -178,6 +178,13 @@ def test_bad_scheduler_settings_and_requests_are_clear_errors(runtime):
             scheduler.submit([5, 6], max_new_tokens=runtime.max_positions)
     with pytest.raises(GenerationError, match="the prompt is empty"):
         runtime.generate_many([[5], []])
+    runtime.engine_max_batch = ("tensorrt-cuda-fp16", 4)  # as a TensorRT engine built with --max-batch 4
+    try:
+        with pytest.raises(GenerationError, match="built for batches of at most 4.*build-engine --max-batch 8"):
+            runtime.scheduler(max_batch=8)
+        runtime.scheduler(max_batch=4).close()
+    finally:
+        runtime.engine_max_batch = None
 
 
 def test_an_engine_failure_ends_the_requests_of_that_call_only(tiny_bundle):
