@@ -200,6 +200,7 @@ def test_incompatible_vocabularies_are_refused(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # a trace of its own, 14 s
 def test_large_graphs_use_external_data(tiny_pair, tmp_path, monkeypatch):
     from apd_deploy.export import trace
 
@@ -218,6 +219,7 @@ def _cli(*args, cwd):
     return subprocess.run([CLI, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow  # a whole export through the CLI, 30 s; the output modes are tested on a stand-in below
 def test_cli_make_tiny_then_export_reports_progress(tmp_path):
     assert _cli("make-tiny", "t", cwd=tmp_path).returncode == 0
     result = _cli("export", "--dllm", "t/dllm", "--verifier", "t/verifier", "-o", "b", cwd=tmp_path)
