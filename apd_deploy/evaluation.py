@@ -132,14 +132,7 @@ def _solve(runtime: Runtime, prompts: list[np.ndarray], params: dict[str, Any], 
             outs.append(runtime.generate(prompt, **params))
             progress()
         return outs
-    longest = max(len(prompt) for prompt in prompts) + params["max_new_tokens"]
-    with runtime.scheduler(batch_size, max_queue=len(prompts), max_seq_len=longest, lanes=lanes) as scheduler:
-        handles = [scheduler.submit(prompt, chunk_text=False, **params) for prompt in prompts]
-        outs = []
-        for handle in handles:
-            outs.append(handle.result())
-            progress()
-        return outs
+    return runtime.generate_many(prompts, max_batch=batch_size, lanes=lanes, progress=progress, **params)
 
 
 def evaluate(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,

@@ -10,7 +10,7 @@ CPU (here), cupy for onnxruntime's CUDA provider (`cuda_engine.py`) and for Tens
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from collections.abc import Sequence
@@ -192,7 +192,8 @@ class OrtCpuDecoder:
         return KVSlots(slots, capacity, self.spec.kv_dims, self.kv_dtype)
 
     def run(self, calls: Sequence[EngineCall]) -> list[tuple[Any, Any]]:
-        calls = [EngineCall(to_host(c.ids), c.cache, None if c.rows is None else to_host(c.rows)) for c in calls]
+        # Draft ids live on the GPU when cupy samples over this engine (the rows are host arrays).
+        calls = [c if isinstance(c.ids, np.ndarray) else replace(c, ids=to_host(c.ids)) for c in calls]
         if self._padded is None:
             feed, counts = batch_feed(np, calls, self._arange)
             logits, new_kv = self.session.run(["logits", "new_kv"], feed)

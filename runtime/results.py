@@ -17,9 +17,6 @@ import numpy as np
 from apd_deploy.runtime.canvas import Canvas, Step
 from apd_deploy.runtime.tokenizer import BundleTokenizer, TextStream
 
-FINISH_REASONS = ("stop", "length", "cancelled")
-
-
 @dataclass
 class GenerationResult:
     token_ids: list[int]  # the generated part only, up to and including the first EOS

@@ -40,6 +40,7 @@ class Runtime:
                  tokenizer: BundleTokenizer | None, max_seq_len: int | None = None) -> None:
         self.bundle, self.manifest = bundle, manifest
         self.dllm, self.verifier, self.tokenizer = dllm, verifier, tokenizer
+        self.engines = {"dllm": dllm, "verifier": verifier}  # by role, as decoders name them
         self.xp = dllm.xp
         special = manifest["special_tokens"]
         self.mask_id, self.eos_ids = special["mask"], frozenset(special["eos"])
@@ -182,7 +183,7 @@ class Runtime:
         """The engines of each of `lanes` scheduling loops: this runtime's for one lane; for more,
         new sessions of threads / lanes threads each (CPU engines only)."""
         if lanes == 1:
-            return [{"dllm": self.dllm, "verifier": self.verifier}]
+            return [self.engines]
         if self.xp is not np or not isinstance(self.dllm, OrtCpuDecoder) or self._open_engines is None:
             raise GenerationError("lanes > 1 is for CPU engines loaded with Runtime.load; a GPU engine batches "
                                   "in one lane (use lanes=1)")
@@ -191,23 +192,29 @@ class Runtime:
         return self._lane_engines[lanes]
 
     def generate_many(self, prompts: Sequence[str | Sequence[int]], chat: bool = False, max_batch: int = 8,
+                      lanes: int = 1, progress: Callable[[], None] | None = None,
                       **params: Any) -> list[GenerationResult]:
-        """Generate for every prompt, up to `max_batch` decoding together; results in prompt order.
-        The same parameters for every prompt (a seed, if given, for each): for per-request
-        parameters submit to a `scheduler()`. At temperature 0 each result's tokens are those of
-        `generate` on its prompt alone."""
+        """Generate for every prompt, up to `max_batch` decoding together (in `lanes`, see
+        `scheduler`); results in prompt order, `progress()` called as each is taken. The same
+        parameters for every prompt (a seed, if given, for each): for per-request parameters submit
+        to a `scheduler()`. At temperature 0 each result's tokens are those of `generate` on its
+        prompt alone."""
         requests = [self.request(prompt, chat, dict(params)) for prompt in prompts]  # every prompt checked first
         if not requests:
             return []
         longest = max(len(ids) + p.max_new_tokens for ids, p in requests)
-        with self.scheduler(max_batch, max_queue=len(requests), max_seq_len=longest) as scheduler:
+        with self.scheduler(max_batch, max_queue=len(requests), max_seq_len=longest, lanes=lanes) as scheduler:
             handles = [scheduler.submit_prepared(ids, p, chunk_text=False) for ids, p in requests]
-            return [handle.result() for handle in handles]
+            results = []
+            for handle in handles:
+                results.append(handle.result())
+                if progress is not None:
+                    progress()
+            return results
 
     def _start(self, prompt: str | Sequence[int], chat: bool, params: dict[str, Any], chunk_text: bool) -> Generation:
         ids, p = self.request(prompt, chat, params)
-        engines = {"dllm": self.dllm, "verifier": self.verifier}
-        canvas, decoder = self.start(ids, p, lambda role, capacity: engines[role].new_cache(capacity))
+        canvas, decoder = self.start(ids, p, lambda role, capacity: self.engines[role].new_cache(capacity))
         generation = Generation(iter(()))
         generation._chunks = self._run(decoder, canvas, generation, chunk_text)
         return generation
@@ -224,7 +231,6 @@ class Runtime:
     def _run(self, decoder: Decoder, canvas: Canvas, generation: Generation, chunk_text: bool) -> Iterator[Chunk]:
         """Decode alone: each engine call the decoder asks for is made at once, batch 1."""
         progress = Progress(canvas, self.eos_ids, self.tokenizer, chunk_text)
-        engines = {"dllm": self.dllm, "verifier": self.verifier}
         reply = None
         while not progress.stopped:
             try:
@@ -236,7 +242,7 @@ class Runtime:
                 yield progress.push(item)
                 continue
             started = time.perf_counter()
-            (reply,) = engines[item.role].run([item.call])
+            (reply,) = self.engines[item.role].run([item.call])
             if self.time_engine_calls:  # a GPU call returns before its work is done
                 synchronize(self.xp)
             canvas.engine_seconds[item.role] += time.perf_counter() - started

@@ -57,9 +57,10 @@ class RequestHandle:
     """A submitted request: iterate for its chunks as steps commit them (blocking), `result()`
     for the whole generation, `cancel()` to stop it. Safe to use from any thread."""
 
-    def __init__(self, request_id: int, on_event: Callable[[Chunk | None], None] | None = None) -> None:
+    def __init__(self, request_id: int, on_event: Callable[[Chunk | None], None] | None = None,
+                 on_cancel: Callable[[RequestHandle], None] | None = None) -> None:
         self.id = request_id
-        self._on_event = on_event
+        self._on_event, self._on_cancel = on_event, on_cancel
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._result: GenerationResult | None = None
@@ -82,8 +83,11 @@ class RequestHandle:
         return self._result
 
     def cancel(self) -> None:
-        """Stop the request at its next step; its slot and cache rows go to the next request."""
+        """Stop the request at its next step; its slot and cache rows go to the next request. A
+        request still queued ends at once and gives up its place in the queue."""
         self._cancel.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
     @property
     def cancelled(self) -> bool:
@@ -118,7 +122,15 @@ class Active:
         self.decoder: Decoder | None = None
         self.progress: Progress | None = None
         self.reply: Any = None  # what the decoder is resumed with: an engine call's result
-        self.finished = False
+
+    @property
+    def finished(self) -> bool:
+        return self.handle.done
+
+    def start(self, runtime: Runtime, new_cache: Callable[[str, int], KVCache] | None) -> None:
+        """Make the request's canvas, decoder and progress (the decoder runs nothing yet)."""
+        self.canvas, self.decoder = runtime.start(self.ids, self.params, new_cache)
+        self.progress = Progress(self.canvas, runtime.eos_ids, runtime.tokenizer, self.chunk_text, self.arrived)
 
 
 class Scheduler:
@@ -202,25 +214,24 @@ class Scheduler:
             if self._closed:
                 raise SchedulerClosed("the scheduler is closed and takes no more requests")
             if len(self._queue) >= self.max_queue:
-                self._drop_cancelled()
-            if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests wait for a slot); retry later, or "
                                 "make the scheduler with a larger max_queue")
-            handle = RequestHandle(self._next_id, on_event)
+            handle = RequestHandle(self._next_id, on_event, self._withdraw)
             self._next_id += 1
             self._queue.append(Active(handle, ids, params, chunk_text, arrived))
             self._wake.notify_all()  # each lane looks for a free slot
         return handle
 
-    def _drop_cancelled(self) -> None:
-        """End the queued requests already cancelled, so that they hold no place in the queue
-        (called holding the lock)."""
-        for request in [r for r in self._queue if r.handle.cancelled]:
+    def _withdraw(self, handle: RequestHandle) -> None:
+        """A cancelled request that is still queued leaves the queue and ends without a step."""
+        with self._wake:  # reentrant: `close` cancels holding it
+            request = next((r for r in self._queue if r.handle is handle), None)
+            if request is None:
+                return  # already decoding: it ends at its next step
             self._queue.remove(request)
-            canvas, decoder = self.runtime.start(request.ids, request.params, new_cache=None)
-            decoder.close()  # never started: it made no cache
-            progress = Progress(canvas, self.runtime.eos_ids, self.runtime.tokenizer, False, request.arrived)
-            request.handle._finish(progress.result(cancelled=True))
+        request.start(self.runtime, new_cache=None)  # never resumed: it makes no cache
+        request.decoder.close()
+        handle._finish(request.progress.result(cancelled=True))
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         """Take no more requests, let the queued and active ones finish (or cancel them), and stop."""
@@ -279,10 +290,7 @@ class Lane:
             request.caches.append(cache)
             return cache
 
-        runtime = self.scheduler.runtime
-        request.canvas, request.decoder = runtime.start(request.ids, request.params, new_cache)
-        request.progress = Progress(request.canvas, runtime.eos_ids, runtime.tokenizer, request.chunk_text,
-                                    request.arrived)
+        request.start(self.scheduler.runtime, new_cache)
 
     def _iterate(self) -> None:
         """One step for every active request, their engine calls batched per model."""
@@ -350,7 +358,6 @@ class Lane:
     def _end(self, request: Active, error: BaseException | None = None) -> None:
         if request.finished:
             return
-        request.finished = True
         if request.decoder is not None:
             request.decoder.close()
         if error is not None:

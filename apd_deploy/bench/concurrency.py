@@ -81,42 +81,51 @@ def run_alone(runtime: Runtime, prompts: list[Prompt], params: dict[str, Any],
     return results, time.perf_counter() - started, 1.0
 
 
-def run_level(runtime: Runtime, prompts: list[Prompt], params: dict[str, Any], clients: int, lanes: int,
-              progress: Callable[[], None]) -> tuple[list[GenerationResult], float, float]:
-    """`clients` closed-loop clients over one scheduler; results in prompt order, wall seconds,
-    mean batch size."""
-    requests = [runtime.request(prompt.ids, False, dict(params)) for prompt in prompts]
-    longest = max(len(ids) + p.max_new_tokens for ids, p in requests)
-    results: list[GenerationResult | None] = [None] * len(prompts)
+def closed_loop(clients: int, count: int, serve: Callable[[int], Any],
+                progress: Callable[[], None] = lambda: None) -> tuple[list[Any], float]:
+    """Items 0..count-1 served by `clients` threads, each taking the next as soon as its last is
+    done, as that many users of a service would; returns what `serve` gave for each, in order, and
+    the wall seconds. An error stops its thread and is raised once every thread has stopped."""
+    out: list[Any] = [None] * count
     errors: list[BaseException] = []
-    next_index = iter(range(len(prompts)))
+    next_index = iter(range(count))
     lock = threading.Lock()
 
-    def client(scheduler) -> None:
+    def client() -> None:
         while True:
             with lock:
                 index = next(next_index, None)
             if index is None:
                 return
             try:
-                results[index] = scheduler.submit_prepared(*requests[index], chunk_text=False).result()
+                out[index] = serve(index)
             except Exception as exc:  # reported after the level, not lost in a thread
                 errors.append(exc)
                 return
             progress()
 
-    with runtime.scheduler(clients, max_queue=clients, max_seq_len=longest, lanes=min(lanes, clients)) as scheduler:
-        threads = [threading.Thread(target=client, args=(scheduler,)) for _ in range(min(clients, len(prompts)))]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        seconds = time.perf_counter() - started
-        sizes = scheduler.batch_sizes
-        mean_batch = sum(size * count for size, count in sizes.items()) / max(sum(sizes.values()), 1)
+    threads = [threading.Thread(target=client) for _ in range(min(clients, count))]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     if errors:
         raise errors[0]
+    return out, time.perf_counter() - started
+
+
+def run_level(runtime: Runtime, prompts: list[Prompt], params: dict[str, Any], clients: int, lanes: int,
+              progress: Callable[[], None]) -> tuple[list[GenerationResult], float, float]:
+    """`clients` closed-loop clients over one scheduler; results in prompt order, wall seconds,
+    mean batch size."""
+    requests = [runtime.request(prompt.ids, False, dict(params)) for prompt in prompts]
+    longest = max(len(ids) + p.max_new_tokens for ids, p in requests)
+    with runtime.scheduler(clients, max_queue=clients, max_seq_len=longest, lanes=min(lanes, clients)) as scheduler:
+        results, seconds = closed_loop(
+            clients, len(requests), lambda i: scheduler.submit_prepared(*requests[i], chunk_text=False).result(), progress)
+        sizes = scheduler.batch_sizes
+        mean_batch = sum(size * count for size, count in sizes.items()) / max(sum(sizes.values()), 1)
     return results, seconds, mean_batch
 
 

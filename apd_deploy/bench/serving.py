@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from apd_deploy.bench.concurrency import percentile
+from apd_deploy.bench.concurrency import closed_loop, percentile
 
 
 @dataclass
@@ -109,27 +108,9 @@ def run_level(url: str, jobs: list[Job], clients: int, requests: int, stream: bo
               progress=lambda: None) -> tuple[list[Sample], float]:
     """`requests` requests (the jobs in turn) from `clients` closed-loop clients; samples in job order."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    samples: list[Sample | None] = [None] * requests
-    next_index = iter(range(requests))
-    lock = threading.Lock()
-
-    def client_loop() -> None:
-        with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
-            while True:
-                with lock:
-                    index = next(next_index, None)
-                if index is None:
-                    return
-                samples[index] = one_request(client, jobs[index % len(jobs)], stream)
-                progress()
-
-    threads = [threading.Thread(target=client_loop) for _ in range(min(clients, requests))]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return samples, time.perf_counter() - started
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    with httpx.Client(base_url=url, headers=headers, timeout=600, limits=limits) as client:  # thread-safe
+        return closed_loop(clients, requests, lambda i: one_request(client, jobs[i % len(jobs)], stream), progress)
 
 
 def summarise(level: int, samples: list[Sample], seconds: float, jobs: list[Job], extract) -> ServeLevel:
