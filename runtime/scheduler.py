@@ -111,7 +111,7 @@ class RequestHandle:
 
 
 class Active:
-    """A request holding a slot: its decoder, where it stands, and the caches it was given."""
+    """A request, queued or holding a slot: its decoder, where it stands, and the caches it was given."""
 
     def __init__(self, handle: RequestHandle, ids: np.ndarray, params: GenerationParams, chunk_text: bool,
                  arrived: float) -> None:
