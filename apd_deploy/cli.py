@@ -15,13 +15,14 @@ from apd_deploy import __version__
 from apd_deploy.bench.concurrency import parse_levels
 from apd_deploy.bench.runner import parse_sweeps
 from apd_deploy.bundle import VERIFY_MODES
-from apd_deploy.cli_options import (CONTEXT, TokenIds, apd_options, library_checked, sampling_options,
+from apd_deploy.cli_options import (CONTEXT, TokenIds, apd_options, library_checked, library_parsed, sampling_options,
                                     threads_option)
 from apd_deploy.engines.build import BACKENDS, DEVICES, PRECISIONS
 from apd_deploy.errors import ApdDeployError
 from apd_deploy.evaluation import DEFAULT_ALGS, TASKS, parse_algs
 from apd_deploy.runtime.diffusion import ORDERS
 from apd_deploy.runtime.params import ALGORITHMS, DEFAULT_MAX_NEW_TOKENS
+from apd_deploy.server.ray_serve import parse_autoscale
 from apd_deploy.tasks import arithmetic
 
 EXPORT_INSTALL_HINT = "install the export extra: pip install torch==2.13.0 'apd-deploy[export]'"
@@ -326,17 +327,51 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
               help="Largest request body; larger ones get 413.")
 @click.option("--grace-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM, how long requests in flight may take to finish.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run the server as Ray Serve replicas behind one endpoint (pip install 'apd-deploy[ray]'); "
+              "each replica reserves --threads CPUs  [default with --ray: 1 thread].")
+@click.option("--replicas", type=click.IntRange(min=1), help="With --ray: how many replicas  [default: 1]")
+@click.option("--autoscale", callback=library_parsed(parse_autoscale),
+              help="With --ray: MIN:MAX replicas, grown and shrunk with the requests in flight (target: a full "
+              "batch per replica).")
+@click.option("--ray-address", envvar="RAY_ADDRESS",
+              help="With --ray: join this Ray cluster (HEAD:6379, or 'auto' for the one `ray start` began on this "
+              "machine)  [env: RAY_ADDRESS; default: start a local Ray that stops with this command]")
+@click.option("--ray-proxy-every-node", is_flag=True,
+              help="With --ray: an HTTP proxy on every node with a replica (behind your load balancer)  "
+              "[default: one, on the head node]")
 @user_errors
 def serve_command(bundle: str, engine: str | None, host: str, port: int, max_batch: int, max_queue: int, lanes: int,
                   threads: int | None, api_key: str | None, served_model_name: str | None, max_tokens: int | None,
-                  max_body_bytes: int, grace_seconds: float) -> None:
+                  max_body_bytes: int, grace_seconds: float, use_ray: bool, replicas: int | None,
+                  autoscale: tuple[int, int] | None, ray_address: str | None, ray_proxy_every_node: bool) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
-    from apd_deploy.server.serve import serve
-
     if lanes > max_batch:
         raise click.UsageError(f"--lanes {lanes} is more than --max-batch {max_batch}: each lane needs a slot")
-    serve(bundle, engine, host, port, max_batch, max_queue, lanes, threads, api_key, served_model_name, max_tokens,
-          max_body_bytes, grace_seconds)
+    if not use_ray:
+        # Typed on the command line, that is: RAY_ADDRESS in the environment is no mistake.
+        source = click.get_current_context().get_parameter_source
+        given = [f"--{name.replace('_', '-')}" for name in ("replicas", "autoscale", "ray_address", "ray_proxy_every_node")
+                 if source(name) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{given[0]} is for Ray Serve: add --ray")
+        from apd_deploy.server.serve import serve
+
+        serve(bundle, engine, host, port, max_batch, max_queue, lanes, threads, api_key, served_model_name,
+              max_tokens, max_body_bytes, grace_seconds)
+        return
+    if replicas is not None and autoscale is not None:
+        raise click.UsageError("give --replicas or --autoscale, not both")
+    try:
+        from apd_deploy.server.ray_replica import ReplicaSettings
+        from apd_deploy.server.ray_serve import serve_on_ray
+    except ImportError as exc:
+        raise click.UsageError(f"--ray needs Ray Serve ({exc}): pip install 'apd-deploy[ray]'") from None
+    settings = ReplicaSettings.for_bundle(
+        bundle, engine, served_model_name, threads=threads or 1, max_batch=max_batch, max_queue=max_queue,
+        lanes=lanes, api_key=api_key, max_body_bytes=max_body_bytes, max_tokens=max_tokens, grace_seconds=grace_seconds)
+    serve_on_ray(settings, settings.deployment_options(replicas, autoscale), host, port, ray_address,
+                 ray_proxy_every_node)
 
 
 @cli.command("bench-serve", context_settings=CONTEXT)
@@ -355,22 +390,27 @@ def serve_command(bundle: str, engine: str | None, host: str, port: int, max_bat
 @click.option("--compare-bundle", type=click.Path(), help="Also send the prompts one at a time, each followed by "
               "Runtime.generate on it in this process: the server's overhead (the bundle the server serves).")
 @click.option("--engine", help="With --compare-bundle: the engine the server runs.")
+@click.option("--compare-url", help="Also send the prompts one at a time to URL and then to this second server "
+              "(e.g. the single-process server beside a Ray Serve one): the overhead of URL over it.")
 @threads_option
 @click.option("--out", type=click.Path(file_okay=False), default="bench-serve-results", show_default=True,
               help="Directory for results.json, results.csv and serve_vs_concurrency.png.")
 @user_errors
 def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task: str | None, prompts_file: str | None,
                         max_tokens: int, model: str | None, api_key: str | None, compare_bundle: str | None,
-                        engine: str | None, threads: int | None, out: str) -> None:
+                        engine: str | None, compare_url: str | None, threads: int | None, out: str) -> None:
     """Load a running server (apd-deploy serve, or any OpenAI-compatible one) at URL; JSON, CSV, PNG."""
     import itertools
 
     from apd_deploy.bench.plots import plot_serve
     from apd_deploy.bench.report import write_rows
-    from apd_deploy.bench.serving import format_serve, jobs_from, paired_overhead, run_level, summarise
+    from apd_deploy.bench.serving import (RuntimeBaseline, ServerBaseline, format_serve, jobs_from, paired_overhead,
+                                          run_level, summarise)
 
     if task and prompts_file:
         raise click.UsageError("give --task or --prompts, not both")
+    if compare_bundle and compare_url:
+        raise click.UsageError("give --compare-bundle or --compare-url, not both")
     extract = None
     if prompts_file:
         lines = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
@@ -395,11 +435,12 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
                                 "task": None if prompts_file else task or "arithmetic", "prompts": prompts_file,
                                 "max_tokens": max_tokens}
     click.echo(format_serve(rows))
-    if compare_bundle:
-        b = settings["baseline"] = paired_overhead(url, jobs[: min(len(jobs), requests)], stream, api_key,
-                                                   compare_bundle, engine, threads)
-        click.echo(f"one at a time, {b['pairs']} pairs: server p50 {b['server_p50_ms']:.1f} ms, Runtime.generate p50 "
-                   f"{b['runtime_p50_ms']:.1f} ms; overhead (median of the pairs) {b['overhead_ms']:.1f} ms, "
+    if compare_bundle or compare_url:
+        baseline = (RuntimeBaseline(compare_bundle, engine, threads) if compare_bundle
+                    else ServerBaseline(compare_url, api_key))
+        b = settings["baseline"] = paired_overhead(url, jobs[: min(len(jobs), requests)], stream, api_key, baseline)
+        click.echo(f"one at a time, {b['pairs']} pairs: server p50 {b['server_p50_ms']:.1f} ms, {b['baseline']} p50 "
+                   f"{b['baseline_p50_ms']:.1f} ms; overhead (median of the pairs) {b['overhead_ms']:.1f} ms, "
                    f"{b['overhead_share']:.1%} of a request{'' if b['same_answers'] else '; the answers differ'}")
     written = [*write_rows(Path(out), "results", settings, [r.row() for r in rows]), plot_serve(rows, Path(out))]
     click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)

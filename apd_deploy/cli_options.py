@@ -62,6 +62,19 @@ def library_checked(check: Any) -> Any:
     return callback
 
 
+def library_parsed(parse: Any) -> Any:
+    """A click callback that turns the value into `parse(value)`; a GenerationError (which names
+    the option) becomes a usage error."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        try:
+            return None if value is None else parse(value)
+        except GenerationError as exc:
+            raise click.UsageError(str(exc), ctx) from None
+
+    return callback
+
+
 def apd_options(command: Any) -> Any:
     """R, W and M, as generate and eval take them."""
     options = [

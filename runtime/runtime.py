@@ -94,6 +94,15 @@ class Runtime:
             runtime.engine_max_batch = (engine, record["max_batch"])
         return runtime
 
+    @staticmethod
+    def check_files(bundle: str | Path, engine: str | None = None, verify: str = "full") -> None:
+        """Check the files `load(bundle, engine)` would read against the manifest's sha256, without
+        opening an engine (a node checks its copy of a bundle before it serves)."""
+        bundle = Path(bundle)
+        manifest = read_manifest(bundle, verify="skip")
+        record = _engine_record(bundle, manifest, engine)
+        verify_files(bundle, manifest, verify, only=_files_read(bundle, manifest, record))
+
     def params(self, **overrides: Any) -> GenerationParams:
         """Generation parameters: the bundle's APD defaults with `overrides` (None = default)."""
         sampling = SamplingParams(**{k: overrides.pop(k) for k in ("temperature", "top_p", "top_k", "seed") if k in overrides})

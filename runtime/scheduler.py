@@ -177,6 +177,11 @@ class Scheduler:
         return sum(len(lane.active) for lane in self.lanes)
 
     @property
+    def alive(self) -> bool:
+        """Open, and every lane's loop running (a health check's question)."""
+        return not self._closed and all(lane.thread.is_alive() for lane in self.lanes)
+
+    @property
     def iterations(self) -> int:
         """Iterations run, all lanes together (a server reports them)."""
         return sum(lane.iterations for lane in self.lanes)

@@ -5,7 +5,9 @@ soon as its last is answered) until `requests` are answered. Per level: total to
 wall time, latency and time to first token (p50/p95; without --stream the first token comes with
 the answer), errors by status. With a bundle to compare against, each prompt is then sent alone and
 run through `Runtime.generate` in this process right after: the server's overhead at
-concurrency 1 (HTTP, JSON, scheduling) is the median of the paired differences.
+concurrency 1 (HTTP, JSON, scheduling) is the median of the paired differences. With a second
+server instead, each prompt goes to both, one after the other: what one way of serving costs over
+the other (Ray Serve's proxy and routing over the single-process server).
 """
 
 from __future__ import annotations
@@ -127,32 +129,53 @@ def summarise(level: int, samples: list[Sample], seconds: float, jobs: list[Job]
                       percentile(firsts, 95), accuracy=accuracy, answers=[s.answer for s in samples])
 
 
-def paired_overhead(url: str, jobs: list[Job], stream: bool, api_key: str | None, bundle: str, engine: str | None,
-                    threads: int | None) -> dict[str, Any]:
-    """Each job through the server (alone) and then through `Runtime.generate` in this process,
-    back to back, so that both see the machine in the same state: the server's overhead is the
-    median of the paired differences."""
-    from apd_deploy.runtime import Runtime
+class RuntimeBaseline:
+    """`Runtime.generate` in this process: the server's whole overhead (HTTP, JSON, scheduling)."""
 
-    runtime = Runtime.load(bundle, engine=engine, threads=threads)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    def __init__(self, bundle: str, engine: str | None, threads: int | None) -> None:
+        from apd_deploy.runtime import Runtime
+
+        self.runtime = Runtime.load(bundle, engine=engine, threads=threads)
+        self.name = f"Runtime.generate on {bundle}" + (f" ({engine})" if engine else "")
+
+    def __call__(self, job: Job, stream: bool) -> Sample:
+        body = job.body
+        prompt = body["messages"][0]["content"] if "messages" in body else body["prompt"]
+        started = time.perf_counter()
+        result = self.runtime.generate(prompt, chat="messages" in body, max_new_tokens=body["max_tokens"])
+        return Sample(time.perf_counter() - started, None, len(result.token_ids), 200, result.text)
+
+
+class ServerBaseline:
+    """Another server (the single-process one, beside a Ray Serve one): the difference between two
+    ways of serving."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=600)
+        self.name = url
+
+    def __call__(self, job: Job, stream: bool) -> Sample:
+        return one_request(self.client, job, stream)
+
+
+def paired_overhead(url: str, jobs: list[Job], stream: bool, api_key: str | None, baseline) -> dict[str, Any]:
+    """Each job through the server (alone) and then through `baseline` (a RuntimeBaseline or a
+    ServerBaseline) right after, so that both see the machine in the same state: the server's
+    overhead is the median of the paired differences."""
     served, alone, same = [], [], True
-    with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+                      timeout=600) as client:
         for job in jobs:
-            sample = one_request(client, job, stream)
-            body = job.body
-            prompt = body["messages"][0]["content"] if "messages" in body else body["prompt"]
-            started = time.perf_counter()
-            result = runtime.generate(prompt, chat="messages" in body, max_new_tokens=body["max_tokens"])
-            alone.append(time.perf_counter() - started)
+            sample, reference = one_request(client, job, stream), baseline(job, stream)
             served.append(sample.latency)
-            same = same and sample.status == 200 and sample.answer == result.text
+            alone.append(reference.latency)
+            same = same and sample.status == reference.status == 200 and sample.answer == reference.answer
     differences = [s - a for s, a in zip(served, alone)]
-    server_ms, runtime_ms = 1000 * statistics.median(served), 1000 * statistics.median(alone)
+    server_ms, baseline_ms = 1000 * statistics.median(served), 1000 * statistics.median(alone)
     overhead_ms = 1000 * statistics.median(differences)
-    return {"bundle": bundle, "engine": engine, "pairs": len(jobs), "server_p50_ms": server_ms,
-            "runtime_p50_ms": runtime_ms, "overhead_ms": overhead_ms, "overhead_share": overhead_ms / server_ms,
-            "same_answers": same}
+    return {"baseline": baseline.name, "pairs": len(jobs), "server_p50_ms": server_ms, "baseline_p50_ms": baseline_ms,
+            "overhead_ms": overhead_ms, "overhead_share": overhead_ms / server_ms, "same_answers": same}
 
 
 def format_serve(rows: list[ServeLevel]) -> str:

@@ -13,7 +13,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,14 @@ class ServerConfig:
     max_tokens_limit: int = 4096
     retry_after_seconds: int = 1
 
+    @classmethod
+    def for_runtime(cls, runtime: Runtime, model_name: str | None, api_key: str | None, max_body_bytes: int,
+                    max_tokens: int | None) -> ServerConfig:
+        """The settings of `apd-deploy serve`: the model named after the bundle's folder unless
+        given, max_tokens capped at what the models' positions hold."""
+        limit = min(max_tokens or runtime.max_positions - 1, runtime.max_positions - 1)
+        return cls(model_name or runtime.bundle.resolve().name, api_key, max_body_bytes, limit)
+
 
 @dataclass
 class Turn:
@@ -54,9 +62,12 @@ class Turn:
     created: int
 
 
-def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig) -> FastAPI:
+def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
+               render_metrics: Callable[[], Awaitable[bytes]] | None = None) -> FastAPI:
+    """The app over `scheduler`. render_metrics: what /metrics answers (a replica shows every
+    replica's); by default this app's own metrics (`app.state.metrics`)."""
     app = FastAPI(title="apd-deploy", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = Metrics(lambda: scheduler.queued, lambda: scheduler.active)
+    metrics = app.state.metrics = Metrics(lambda: scheduler.queued, lambda: scheduler.active)
     scheduler.on_iteration = metrics.iteration
     app.state.draining = False
 
@@ -83,7 +94,8 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig) -> 
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        page = await render_metrics() if render_metrics else generate_latest(metrics.registry)
+        return Response(page, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -152,8 +164,9 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig) -> 
                 text.append(stops.push(event.text or ""))
                 if stops.stopped:
                     handle.cancel()
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client went away and the host cancels the call (Ray Serve does)
             handle.cancel()
+            metrics.cancelled.inc()
             raise
         result = _result_or_error(handle)
         if not turn.parsed.stops:

@@ -1,8 +1,10 @@
-"""Prometheus metrics of one server (its own registry, so two apps in a process do not clash)."""
+"""Prometheus metrics of one server (its own registry, so two apps in a process do not clash), and
+the page that shows several replicas' metrics side by side."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -42,3 +44,30 @@ class Metrics:
         if result.first_chunk_seconds is not None:
             self.time_to_first_token.observe(result.first_chunk_seconds)
         self.request_latency.observe(result.seconds)
+
+
+def labelled_page(snapshots: dict[str, tuple[dict[str, str], list[Metric]]]) -> bytes:
+    """One Prometheus page from several replicas' collected metrics (`registry.collect()`, keyed
+    by replica id, each with the labels that name the replica): every sample gets its replica's
+    labels, so `sum by (replica)` shows how the load spread. `apd_replicas` counts the replicas."""
+    families: dict[str, Metric] = {}
+    for labels, collected in snapshots.values():
+        for family in collected:
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type,
+                                                             family.unit))
+            merged.samples.extend(s._replace(labels={**s.labels, **labels}) for s in family.samples)
+    count = Metric("apd_replicas", "Replicas whose metrics this page shows", "gauge")
+    count.add_sample("apd_replicas", {}, len(snapshots))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed([count, *families.values()]))
+    return generate_latest(registry)
+
+
+class _Fixed:
+    """A collector of metrics already collected."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families

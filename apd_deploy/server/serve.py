@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
 
 import uvicorn
 
@@ -33,9 +32,8 @@ def serve(bundle: str, engine: str | None, host: str, port: int, max_batch: int,
           threads: int | None, api_key: str | None, model_name: str | None, max_tokens: int | None,
           max_body_bytes: int, grace_seconds: float) -> None:
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
-    limit = min(max_tokens or runtime.max_positions - 1, runtime.max_positions - 1)
     scheduler = runtime.scheduler(max_batch=max_batch, max_queue=max_queue, lanes=lanes)
-    config = ServerConfig(model_name or Path(bundle).resolve().name, api_key, max_body_bytes, limit)
+    config = ServerConfig.for_runtime(runtime, model_name, api_key, max_body_bytes, max_tokens)
     app = create_app(runtime, scheduler, config)
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=grace_seconds, lifespan="off"), app)

@@ -1,0 +1,215 @@
+"""What runs on a Ray Serve replica: the bundle checked on its node, the runtime and its batched
+scheduler, the server's own FastAPI app as the ingress, and the metrics board that lets any
+replica's /metrics show every replica's figures.
+
+Each replica pushes its collected metrics to the board every `PUSH_SECONDS`; a /metrics request
+pushes the answering replica's first, so its own figures are current and the others' at most that
+old. A replica silent for `STALE_SECONDS` (it died) drops off the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from prometheus_client.metrics_core import Metric
+from ray import serve
+
+from apd_deploy.bundle import read_manifest
+from apd_deploy.errors import BundleError
+from apd_deploy.runtime import Runtime
+from apd_deploy.server.app import ServerConfig, create_app
+from apd_deploy.server.metrics import labelled_page
+
+PUSH_SECONDS = 1.0
+STALE_SECONDS = 10.0
+DROP_SECONDS = 1.0
+DRAIN_POLL_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """Everything a replica needs (plain data: it travels to every node)."""
+
+    bundle: str  # absolute: replicas do not share the driver's working directory
+    manifest_sha256: str  # the manifest that was read when deploying: a node with another refuses to serve
+    engine: str | None
+    gpu: bool  # the engine runs on a GPU: each replica reserves one
+    threads: int = 1
+    max_batch: int = 8
+    max_queue: int = 64
+    lanes: int = 1
+    model_name: str | None = None
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_tokens: int | None = None
+    grace_seconds: float = 30.0
+
+    @classmethod
+    def for_bundle(cls, bundle: str | Path, engine: str | None = None, model_name: str | None = None,
+                   **server: Any) -> ReplicaSettings:
+        """Settings for serving `bundle` (read here, so that a wrong path or engine fails before
+        anything is deployed) as `model_name` (default: the bundle folder's name); `server`: the
+        other fields, as `apd-deploy serve`'s flags."""
+        path = Path(bundle).resolve()
+        manifest = read_manifest(path, verify="skip")
+        engines = manifest.get("engines", {})
+        if engine is not None and engine not in engines:
+            raise BundleError(f"{path}: no engine named '{engine}' in manifest.json 'engines' "
+                              f"(available: {', '.join(engines) or 'none; build one with apd-deploy build-engine'})")
+        gpu = engine is not None and engines[engine].get("device") != "cpu"
+        return cls(str(path), hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest(), engine, gpu,
+                   model_name=model_name or path.name, **server)
+
+    def deployment_options(self, replicas: int | None = None,
+                           autoscale: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Serve's options for the replicas.
+
+        A replica reserves `threads` CPUs (and a GPU for a GPU engine), so Ray places no more
+        replicas on a node than it has cores for. It takes one request more than its scheduler
+        holds (a full batch and a full queue): a full replica answers 429 itself, as the
+        single-process server does, instead of Serve's proxy queueing requests without bound.
+        Autoscaling aims at a full batch decoding on each replica.
+        """
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.threads, "num_gpus": 1 if self.gpu else 0},
+            "max_ongoing_requests": self.max_batch + self.max_queue + 1,
+            "graceful_shutdown_timeout_s": self.grace_seconds,
+            # How often a stopping replica looks whether its requests are done (Serve's default: 2 s).
+            "graceful_shutdown_wait_loop_s": DRAIN_POLL_SECONDS,
+        }
+        if autoscale is not None:
+            low, high = autoscale
+            options["autoscaling_config"] = {"min_replicas": low, "initial_replicas": low, "max_replicas": high,
+                                             "target_ongoing_requests": self.max_batch}
+        else:
+            options["num_replicas"] = replicas or 1
+        return options
+
+
+def node_name() -> str:
+    """This node as a user can find it: host name, IP address and Ray node id."""
+    return (f"node {socket.gethostname()} ({ray.util.get_node_ip_address()}, "
+            f"Ray node {ray.get_runtime_context().get_node_id()})")
+
+
+def check_here(settings: ReplicaSettings) -> None:
+    """The bundle on this node, checked before it takes traffic: its manifest must be the driver's,
+    and every file the engine reads must match the manifest's sha256, hashed in full (this node's
+    copy may differ in content while its size and time match). Errors name the node and the file."""
+    manifest = Path(settings.bundle) / "manifest.json"
+    try:
+        if not manifest.is_file():
+            raise BundleError(f"{manifest}: missing; the bundle must be readable at this path on every node "
+                              "(a shared file system, or a copy at the same path)")
+        if hashlib.sha256(manifest.read_bytes()).hexdigest() != settings.manifest_sha256:
+            raise BundleError(f"{manifest}: differs from the one `apd-deploy serve` read; copy the same bundle to "
+                              "this node")
+        Runtime.check_files(settings.bundle, settings.engine, verify="full")
+    except BundleError as exc:
+        raise BundleError(f"{node_name()}: {exc}") from None
+
+
+def check_every_node(settings: ReplicaSettings) -> None:
+    """`check_here` on every node of the cluster at once, before anything is deployed: one error
+    lists each node whose bundle is missing or differs. (A node that joins later is checked by the
+    replicas Serve places on it.)"""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    check = ray.remote(num_cpus=0, max_retries=0)(check_here)
+    pending = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(settings)
+               for node in ray.nodes() if node["Alive"]]
+    failures = []
+    for task in pending:
+        try:
+            ray.get(task)
+        except ray.exceptions.RayTaskError as exc:
+            failures.append(str(exc.cause) if isinstance(exc.cause, BundleError) else str(exc))
+    if failures:
+        raise BundleError("\n".join(failures))
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+                  graceful_shutdown_wait_loop_s=DRAIN_POLL_SECONDS)
+class MetricsBoard:
+    """The latest metrics each replica pushed."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, tuple[float, dict[str, str], list[Metric]]] = {}
+
+    def push(self, replica: str, labels: dict[str, str], collected: list[Metric]) -> None:
+        self.latest[replica] = (time.monotonic(), labels, collected)
+
+    def drop(self, replica: str) -> None:
+        self.latest.pop(replica, None)
+
+    def page(self) -> bytes:
+        now = time.monotonic()
+        self.latest = {k: v for k, v in self.latest.items() if now - v[0] < STALE_SECONDS}
+        return labelled_page({k: (labels, collected) for k, (_, labels, collected) in self.latest.items()})
+
+
+@serve.deployment
+@serve.ingress()
+class Replica:
+    """One copy of the server. Serve routes HTTP to the app `__serve_build_asgi_app__` returns."""
+
+    def __init__(self, settings: ReplicaSettings, board) -> None:
+        self.settings, self.board = settings, board
+        check_here(settings)
+        self.runtime = Runtime.load(settings.bundle, engine=settings.engine, threads=settings.threads, verify="skip")
+        self.scheduler = self.runtime.scheduler(max_batch=settings.max_batch, max_queue=settings.max_queue,
+                                                lanes=settings.lanes)
+        self.config = ServerConfig.for_runtime(self.runtime, settings.model_name, settings.api_key,
+                                               settings.max_body_bytes, settings.max_tokens)
+        self.id = serve.get_replica_context().replica_id.unique_id
+        self.labels = {"replica": self.id, "node": socket.gethostname(),
+                       "node_id": ray.get_runtime_context().get_node_id(), "pid": str(os.getpid())}
+        self.pusher: asyncio.Task | None = None
+
+    async def __serve_build_asgi_app__(self):
+        app = create_app(self.runtime, self.scheduler, self.config, render_metrics=self.page)
+        self.registry = app.state.metrics.registry
+        self.pusher = asyncio.get_running_loop().create_task(self.push_forever())
+        return app
+
+    async def push(self) -> None:
+        await self.board.push.remote(self.id, self.labels, list(self.registry.collect()))
+
+    async def push_forever(self) -> None:
+        while True:
+            try:
+                await self.push()
+            except Exception:  # the board restarts with its deployment: the next push refills it
+                pass
+            await asyncio.sleep(PUSH_SECONDS)
+
+    async def page(self) -> bytes:
+        await self.push()
+        return await self.board.page.remote()
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose scheduling loops stopped."""
+        if not self.scheduler.alive:
+            raise RuntimeError(f"{node_name()}: the scheduler of replica {self.id} stopped")
+
+    async def __del__(self) -> None:
+        if self.pusher is not None:
+            self.pusher.cancel()
+        try:  # the board may be gone first when the whole application is deleted
+            await asyncio.wait_for(self.board.drop.remote(self.id), DROP_SECONDS)
+        except Exception:
+            pass
+        await asyncio.to_thread(self.scheduler.close, True, self.settings.grace_seconds)
+
+
+def application(settings: ReplicaSettings, replica_options: dict[str, Any]):
+    """The Serve application: the replicas (with `replica_options`) and their metrics board."""
+    return Replica.options(**replica_options).bind(settings, MetricsBoard.bind())

@@ -1,0 +1,110 @@
+"""The Ray Serve path against the single-process server, on this machine (README "Scaling out").
+
+1. Overhead at concurrency 1: `apd-deploy serve --ray` (a local Ray, one replica) and
+   `apd-deploy serve` run side by side; `bench-serve --compare-url` sends each request to one and
+   then the other: the median of the paired differences is what Ray Serve's proxy and routing add.
+2. Throughput: a simulated two-node cluster (`ray.cluster_utils.Cluster`, one CPU per node) serving
+   one replica, then two (one per node), under the same closed-loop load.
+
+    python scripts/bench_ray.py out/arithmetic-bundle --engine onnxruntime-cpu-fp32 --out out/bench-ray
+
+On real machines, measure (2) with a cluster of your own instead: `ray start --head` and
+`ray start --address HEAD:6379` on each worker, then `apd-deploy serve BUNDLE --ray --ray-address
+auto --replicas N` and `apd-deploy bench-serve` at each N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+CLI = str(Path(sys.executable).with_name("apd-deploy"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(bundle: str, engine: str, *args: str):
+    port = free_port()
+    command = [CLI, "serve", bundle, "--engine", engine, "--threads", "1", "--port", str(port), *args]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{' '.join(command)} did not start: {proc.stderr.read() if proc.poll() else ''}")
+            time.sleep(0.2)
+        time.sleep(2)  # let the replicas finish warming up
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
+def bench(url: str, out: Path, levels: str, requests: int, *extra: str) -> dict:
+    subprocess.run([CLI, "bench-serve", url, "--concurrency", levels, "--requests", str(requests), "--out", str(out),
+                    *extra], check=True, stdout=sys.stderr)
+    return json.loads((out / "results.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle")
+    parser.add_argument("--engine", default="onnxruntime-cpu-fp32")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,8,16", help="levels of the throughput runs")
+    parser.add_argument("--out", default="out/bench-ray")
+    args = parser.parse_args()
+    out = Path(args.out)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+    with serving(args.bundle, args.engine) as single, serving(args.bundle, args.engine, "--ray") as ray_url:
+        paired = bench(ray_url, out / "overhead", "1", args.requests, "--compare-url", single)["settings"]["baseline"]
+    print(f"overhead at c1, {paired['pairs']} paired requests: Ray Serve p50 {paired['server_p50_ms']:.1f} ms, "
+          f"single-process p50 {paired['baseline_p50_ms']:.1f} ms, difference {paired['overhead_ms']:.1f} ms "
+          f"(median of the pairs); same answers: {paired['same_answers']}")
+
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="apdray-", dir="/tmp")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    rows = {}
+    try:
+        for replicas in (1, 2):
+            with serving(args.bundle, args.engine, "--ray", "--ray-address", cluster.address, "--replicas",
+                         str(replicas)) as url:
+                rows[replicas] = bench(url, out / f"replicas-{replicas}", args.concurrency, args.requests)["results"]
+    finally:
+        cluster.shutdown()
+    print("replicas on the simulated 2-node cluster: tokens/s by concurrency (2 vs 1 replica)")
+    for one, two in zip(rows[1], rows[2]):
+        print(f"  c{one['concurrency']}: {one['tokens_per_second']:.0f} -> {two['tokens_per_second']:.0f} "
+              f"({two['tokens_per_second'] / one['tokens_per_second']:.2f}x); errors {one['errors']} / {two['errors']}")
+    (out / "summary.json").write_text(json.dumps({"overhead": paired, "throughput": rows}, indent=1))
+    print(f"wrote {out / 'summary.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
