@@ -24,6 +24,8 @@ from apd_deploy.tasks.arithmetic import extract_answer
 from tests.test_server import CLI, KEY, QUESTIONS, client, free_port, server
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'apd-deploy[ray]'")
+# One pytest-xdist worker runs the modules on the demo pair, so that it is exported once.
+pytestmark = pytest.mark.xdist_group("demo-pair")
 
 
 @pytest.fixture(scope="module")
@@ -128,20 +130,31 @@ def test_two_replicas_answer_stream_and_guard_like_the_server(local_ray, demo_ru
         c.completions.create(model="gpt-4", prompt="hi", max_tokens=4)
 
 
-def test_concurrent_clients_are_spread_over_both_replicas(local_ray):
+def test_sixteen_clients_are_served_by_both_replicas(local_ray, demo_runtime):
     url, _ = local_ray
     c = client(url, KEY)
+    series = 'apd_requests_total{endpoint="/v1/chat/completions",'
+    before = per_replica(metrics(url), series)
     answers: dict[int, str] = {}
-    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, ask(c, QUESTIONS[i % 8]))) for i in range(32)]
+
+    def two_questions(i: int) -> None:
+        for j in (i, i + 16):
+            answers[j] = ask(c, QUESTIONS[j % 8])
+
+    threads = [threading.Thread(target=two_questions, args=(i,)) for i in range(16)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    assert sum(extract_answer(answers[i]) == QUESTIONS[i % 8].answer for i in range(32)) >= 30
-    wait_until(lambda: sum(per_replica(metrics(url), 'apd_requests_total{endpoint="/v1/chat/completions"').values())
-               >= 32, "the metrics count every request")
-    served = per_replica(metrics(url), 'apd_requests_total{endpoint="/v1/chat/completions"')
-    assert len(served) == 2 and min(served.values()) > 0, served
+    expected = [demo_runtime.generate(p.question, chat=True, max_new_tokens=32).text for p in QUESTIONS]
+    assert [answers[j] for j in range(32)] == [expected[j % 8] for j in range(32)]
+
+    def served() -> dict[str, float]:
+        after = per_replica(metrics(url), series)
+        return {replica: after[replica] - before.get(replica, 0) for replica in after}
+
+    wait_until(lambda: sum(served().values()) == 32, "the metrics count the 32 requests")
+    assert len(served()) == 2 and min(served().values()) > 0, served()
 
 
 def test_a_client_that_goes_away_cancels_its_request(local_ray):
@@ -250,6 +263,8 @@ def test_two_nodes_answer_as_the_single_process_server_and_refuse_a_damaged_bund
     graph.write_bytes(bytes(data))
     refused = subprocess.Popen([CLI, "serve", str(damaged), "--ray", "--ray-address", two_nodes, "--port",
                                 str(free_port())], stderr=subprocess.PIPE, text=True)
+    too_big = subprocess.Popen([CLI, "serve", str(demo_bundle), "--ray", "--ray-address", two_nodes, "--threads", "2",
+                                "--port", str(free_port())], stderr=subprocess.PIPE, text=True)
     # The single-process server answers as Runtime.generate does (test_server.py checks it).
     expected = [demo_runtime.generate(p.question, chat=True, max_new_tokens=32).text for p in QUESTIONS]
     with ray_server(demo_bundle, ray_tmp, "--replicas", "2", "--ray-address", two_nodes) as (url, proc):
@@ -268,6 +283,8 @@ def test_two_nodes_answer_as_the_single_process_server_and_refuse_a_damaged_bund
     assert refused.returncode == 1
     refusals = re.findall(rf"node \S+ \(\S+, Ray node ([0-9a-f]+)\): {re.escape(str(graph))}: sha256 differs", stderr)
     assert len(set(refusals)) == 2, stderr  # each node names itself
+    _, stderr = too_big.communicate(timeout=120)
+    assert too_big.returncode == 1 and "no node of the Ray cluster has 2 CPUs for a replica (--threads 2)" in stderr
 
 
 def test_a_serve_config_file_builds_the_same_application(demo_bundle):

@@ -23,7 +23,7 @@ from prometheus_client.metrics_core import Metric
 from ray import serve
 
 from apd_deploy.bundle import read_manifest
-from apd_deploy.errors import BundleError
+from apd_deploy.errors import BundleError, GenerationError
 from apd_deploy.runtime import Runtime
 from apd_deploy.server.app import ServerConfig, create_app
 from apd_deploy.server.metrics import labelled_page
@@ -110,22 +110,32 @@ def check_here(settings: ReplicaSettings) -> None:
             raise BundleError(f"{manifest}: missing; the bundle must be readable at this path on every node "
                               "(a shared file system, or a copy at the same path)")
         if hashlib.sha256(manifest.read_bytes()).hexdigest() != settings.manifest_sha256:
-            raise BundleError(f"{manifest}: differs from the one `apd-deploy serve` read; copy the same bundle to "
-                              "this node")
+            raise BundleError(f"{manifest}: differs from the manifest the application was deployed with; copy "
+                              "the same bundle to this node")
         Runtime.check_files(settings.bundle, settings.engine, verify="full")
     except BundleError as exc:
         raise BundleError(f"{node_name()}: {exc}") from None
 
 
 def check_every_node(settings: ReplicaSettings) -> None:
-    """`check_here` on every node of the cluster at once, before anything is deployed: one error
-    lists each node whose bundle is missing or differs. (A node that joins later is checked by the
-    replicas Serve places on it.)"""
+    """`check_here` at once on every node that could hold a replica (enough CPUs, a GPU if the
+    engine needs one), before anything is deployed: one error lists each node whose bundle is
+    missing or differs. A node that joins later is checked by the replicas Serve places on it."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    def could_hold_a_replica(node: dict[str, Any]) -> bool:
+        resources = node["Resources"]
+        return (node["Alive"] and resources.get("CPU", 0) >= settings.threads
+                and (not settings.gpu or resources.get("GPU", 0) >= 1))
+
+    nodes = [node for node in ray.nodes() if could_hold_a_replica(node)]
+    if not nodes:
+        need = f"{settings.threads} CPU{'s' * (settings.threads > 1)}" + (" and a GPU" if settings.gpu else "")
+        raise GenerationError(f"no node of the Ray cluster has {need} for a replica (--threads {settings.threads}); "
+                              "use fewer --threads, or add a node (`ray status` lists what each node has)")
     check = ray.remote(num_cpus=0, max_retries=0)(check_here)
     pending = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(settings)
-               for node in ray.nodes() if node["Alive"]]
+               for node in nodes]
     failures = []
     for task in pending:
         try:
