@@ -50,16 +50,11 @@ def library_checked(check: Any) -> Any:
     """A click callback that runs `check` (a library function that raises GenerationError naming the
     option) on the value, turning its error into a usage error; the value passes on unchanged."""
 
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is None:
-            return value
-        try:
-            check(value)
-        except GenerationError as exc:
-            raise click.UsageError(str(exc), ctx) from None
+    def unchanged(value: Any) -> Any:
+        check(value)
         return value
 
-    return callback
+    return library_parsed(unchanged)
 
 
 def library_parsed(parse: Any) -> Any:

@@ -16,9 +16,6 @@ from apd_deploy.errors import GenerationError
 from apd_deploy.evaluation import evaluate, parse_algs
 from apd_deploy.tasks.arithmetic import SPLITS, extract_answer, problems
 
-# One pytest-xdist worker runs the modules on the demo pair, so that it is exported once.
-pytestmark = pytest.mark.xdist_group("demo-pair")
-
 REPO = Path(__file__).parents[1]
 MODELS = REPO / "models" / "arithmetic"
 CLI = str(Path(sys.executable).with_name("apd-deploy"))

@@ -24,8 +24,6 @@ from apd_deploy.tasks.arithmetic import extract_answer
 from tests.test_server import CLI, KEY, QUESTIONS, client, free_port, server
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'apd-deploy[ray]'")
-# One pytest-xdist worker runs the modules on the demo pair, so that it is exported once.
-pytestmark = pytest.mark.xdist_group("demo-pair")
 
 
 @pytest.fixture(scope="module")

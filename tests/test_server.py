@@ -21,9 +21,6 @@ import pytest
 
 from apd_deploy.tasks.arithmetic import extract_answer, problems
 
-# One pytest-xdist worker runs the modules on the demo pair, so that it is exported once.
-pytestmark = pytest.mark.xdist_group("demo-pair")
-
 CLI = str(Path(sys.executable).with_name("apd-deploy"))
 KEY = "test-key-0123456789"
 
