@@ -74,34 +74,43 @@ def main() -> None:
     parser.add_argument("--engine", default="onnxruntime-cpu-fp32")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8,16", help="levels of the throughput runs")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="throughput runs of 1 and 2 replicas, alternated (1, 2, 1, 2, ...) against drift")
+    parser.add_argument("--skip-overhead", action="store_true", help="only the throughput runs")
     parser.add_argument("--out", default="out/bench-ray")
     args = parser.parse_args()
     out = Path(args.out)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    with serving(args.bundle, args.engine) as single, serving(args.bundle, args.engine, "--ray") as ray_url:
-        paired = bench(ray_url, out / "overhead", "1", args.requests, "--compare-url", single)["settings"]["baseline"]
-    print(f"overhead at c1, {paired['pairs']} paired requests: Ray Serve p50 {paired['server_p50_ms']:.1f} ms, "
-          f"single-process p50 {paired['baseline_p50_ms']:.1f} ms, difference {paired['overhead_ms']:.1f} ms "
-          f"(median of the pairs); same answers: {paired['same_answers']}")
+    paired = None
+    if not args.skip_overhead:
+        with serving(args.bundle, args.engine) as single, serving(args.bundle, args.engine, "--ray") as ray_url:
+            paired = bench(ray_url, out / "overhead", "1", args.requests, "--compare-url", single)["settings"]["baseline"]
+        print(f"overhead at c1, {paired['pairs']} paired requests: Ray Serve p50 {paired['server_p50_ms']:.1f} ms, "
+              f"single-process p50 {paired['baseline_p50_ms']:.1f} ms, difference {paired['overhead_ms']:.1f} ms "
+              f"(median of the pairs); same answers: {paired['same_answers']}")
 
     from ray.cluster_utils import Cluster
 
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="apdray-", dir="/tmp")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
-    rows = {}
+    rows: dict[int, list] = {1: [], 2: []}
     try:
-        for replicas in (1, 2):
-            with serving(args.bundle, args.engine, "--ray", "--ray-address", cluster.address, "--replicas",
-                         str(replicas)) as url:
-                rows[replicas] = bench(url, out / f"replicas-{replicas}", args.concurrency, args.requests)["results"]
+        for round_ in range(args.rounds):
+            for replicas in (1, 2):
+                with serving(args.bundle, args.engine, "--ray", "--ray-address", cluster.address, "--replicas",
+                             str(replicas)) as url:
+                    rows[replicas].append(bench(url, out / f"replicas-{replicas}-round-{round_ + 1}", args.concurrency,
+                                                args.requests)["results"])
     finally:
         cluster.shutdown()
-    print("replicas on the simulated 2-node cluster: tokens/s by concurrency (2 vs 1 replica)")
-    for one, two in zip(rows[1], rows[2]):
-        print(f"  c{one['concurrency']}: {one['tokens_per_second']:.0f} -> {two['tokens_per_second']:.0f} "
-              f"({two['tokens_per_second'] / one['tokens_per_second']:.2f}x); errors {one['errors']} / {two['errors']}")
+    print("replicas on the simulated 2-node cluster: tokens/s by concurrency, 1 -> 2 replicas")
+    for round_, (ones, twos) in enumerate(zip(rows[1], rows[2])):
+        for one, two in zip(ones, twos):
+            print(f"  round {round_ + 1}, c{one['concurrency']}: {one['tokens_per_second']:.0f} -> "
+                  f"{two['tokens_per_second']:.0f} ({two['tokens_per_second'] / one['tokens_per_second']:.2f}x); "
+                  f"errors {one['errors']} / {two['errors']}")
     (out / "summary.json").write_text(json.dumps({"overhead": paired, "throughput": rows}, indent=1))
     print(f"wrote {out / 'summary.json'}", file=sys.stderr)
 
