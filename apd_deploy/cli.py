@@ -15,7 +15,7 @@ from apd_deploy import __version__
 from apd_deploy.bench.concurrency import parse_levels
 from apd_deploy.bench.runner import parse_sweeps
 from apd_deploy.bundle import VERIFY_MODES
-from apd_deploy.cli_options import (CONTEXT, TokenIds, apd_options, library_checked, library_parsed, sampling_options,
+from apd_deploy.cli_options import (CONTEXT, IntList, apd_options, library_checked, library_parsed, sampling_options,
                                     threads_option)
 from apd_deploy.engines.build import BACKENDS, DEVICES, PRECISIONS
 from apd_deploy.errors import ApdDeployError
@@ -172,7 +172,7 @@ CHUNK_COLOURS = ("cyan", "yellow")
 @cli.command("generate", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
 @click.option("--prompt", help="Prompt text (needs a bundle with a tokenizer).")
-@click.option("--prompt-ids", type=TokenIds(), help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--prompt-ids", type=IntList(0, "token id", "1,2,3"), help="Prompt as comma-separated token ids, e.g. 1,2,3.")
 @click.option("--alg", type=click.Choice(ALGORITHMS), default="apd", show_default=True,
               help="apd, or a baseline: leftright (the dLLM, K tokens per step), diffusion (Dream's own), ar (the verifier).")
 @apd_options
@@ -276,7 +276,9 @@ def build_engine_command(bundle: str, backend: str, device: str | None, precisio
               help="Comma-separated; leftright:K commits K tokens per step, diffusion:S takes S steps.")
 @apd_options
 @sampling_options
-@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Tokens per answer at most  [default: the task's]")
+@click.option("--max-new-tokens", "lengths", type=IntList(1, "positive integer", "32,48,64,96"),
+              help="Tokens per answer at most; several, comma-separated (32,48,64,96), run each algorithm at each "
+              "length  [default: the task's]")
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
 @threads_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
@@ -286,8 +288,8 @@ def build_engine_command(bundle: str, backend: str, device: str | None, precisio
                    "threads and its own copy of the weights.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per algorithm, one per line.")
 @user_errors
-def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: str | None, threads: int | None,
-                 batch_size: int, lanes: int, as_json: bool, **params: Any) -> None:
+def eval_command(bundle: str, task: str, split: str, n: int, algs: str, lengths: list[int] | None, engine: str | None,
+                 threads: int | None, batch_size: int, lanes: int, as_json: bool, **params: Any) -> None:
     """Solve task problems with each algorithm; report accuracy, tokens per step, forwards, speed."""
     from apd_deploy.evaluation import format_table, plan, run
     from apd_deploy.runtime import Runtime
@@ -295,7 +297,7 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, engine: 
     if lanes > batch_size:
         raise click.UsageError(f"--lanes {lanes} is more than --batch-size {batch_size}: each lane needs a slot")
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
-    work = plan(runtime, task, split, n, algs, params)
+    work = plan(runtime, task, split, n, algs, params, lengths)
     with click.progressbar(length=len(work.problems) * len(work.runs), label="solving", file=sys.stderr) as bar:
         results = run(runtime, work, progress=lambda: bar.update(1), batch_size=batch_size, lanes=lanes)
     if as_json:

@@ -14,7 +14,7 @@ from apd_deploy.runtime.params import SEED_LIMIT
 
 # -h as well as --help, on the group and on every command.
 CONTEXT = {"help_option_names": ["-h", "--help"]}
-TOKEN_ID = re.compile(r"[0-9]+")
+DIGITS = re.compile(r"[0-9]+")
 
 
 class FiniteFloat(click.FloatRange):
@@ -30,19 +30,23 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
-class TokenIds(click.ParamType):
-    """Comma-separated token ids, e.g. `1,2,3` (spaces allowed): every item a non-negative integer."""
+class IntList(click.ParamType):
+    """Comma-separated integers of at least `minimum` (spaces allowed), e.g. `1,2,3`."""
 
-    name = "ids"
+    name = "ints"
+
+    def __init__(self, minimum: int, noun: str, example: str) -> None:
+        self.minimum, self.noun, self.example = minimum, noun, example
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, list):  # click's contract: converting a converted value returns it
             return value
         items = [item.strip() for item in value.split(",")]
         for position, item in enumerate(items, 1):
-            if not TOKEN_ID.fullmatch(item):
-                what = "empty" if not item else f"{item!r}, not a token id"
-                self.fail(f"{value!r}: item {position} is {what}; give comma-separated ids, e.g. 1,2,3.", param, ctx)
+            if not DIGITS.fullmatch(item) or int(item) < self.minimum:
+                what = "empty" if not item else f"{item!r}, not a {self.noun}"
+                self.fail(f"{value!r}: item {position} is {what}; give comma-separated {self.noun}s, e.g. "
+                          f"{self.example}.", param, ctx)
         return [int(item) for item in items]
 
 

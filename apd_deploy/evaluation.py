@@ -1,9 +1,11 @@
 """`apd-deploy eval`: run several decoding algorithms on the same task problems and compare
-accuracy, tokens per step, forward passes and speed."""
+accuracy (with its 95% interval), tokens per step, forward passes and speed, at one or several
+generation lengths."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import time
 from collections.abc import Callable
@@ -36,9 +38,12 @@ class AlgSpec:
 @dataclass
 class AlgResult:
     alg: str
+    max_new_tokens: int
     problems: int
     correct: int
     accuracy: float
+    accuracy_low: float  # the 95% Wilson score interval
+    accuracy_high: float
     tokens_per_step: float
     dllm_forwards_per_problem: float
     verifier_forwards_per_problem: float
@@ -64,6 +69,15 @@ def parse_algs(text: str) -> list[AlgSpec]:
     return specs
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion: unlike p ± z·se it stays inside [0, 1] and
+    does not shrink to a point at 0 or n correct."""
+    p, z2 = correct / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 @dataclass(frozen=True)
 class EvalPlan:
     """Everything `evaluate` will run, checked: problems, their prompt ids, parameters per algorithm."""
@@ -75,8 +89,9 @@ class EvalPlan:
 
 
 def plan(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
-         params: dict[str, Any] | None = None) -> EvalPlan:
-    """Check every argument against the runtime before any problem is solved."""
+         params: dict[str, Any] | None = None, lengths: list[int] | None = None) -> EvalPlan:
+    """Check every argument against the runtime before any problem is solved. lengths: the
+    max_new_tokens to run each algorithm at (default: the task's, or params' max_new_tokens)."""
     if task not in TASKS:
         raise GenerationError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     check_integer("--n", n, 1)
@@ -90,15 +105,19 @@ def plan(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int
     chat = bool(runtime.tokenizer.chat_template)
     prompts = [runtime.prompt_ids(p.question, chat=chat) for p in problems]
     longest = max(len(p) for p in prompts)
-    runtime.fit(runtime.params(**params), longest)  # the shared options, named as given
+    for length in lengths or []:
+        check_integer("--max-new-tokens", length, 1)
     runs = []
-    for spec in specs:
-        chosen = {**params, **spec.params}
-        try:
-            runtime.fit(runtime.params(alg=spec.alg, **chosen), longest)
-        except GenerationError as exc:
-            raise GenerationError(f"--algs '{spec.label}': {exc}") from None
-        runs.append((spec, chosen))
+    for length in dict.fromkeys(lengths or [params["max_new_tokens"]]):  # in order, once each
+        shared = {**params, "max_new_tokens": length}
+        runtime.fit(runtime.params(**shared), longest)  # the shared options, named as given
+        for spec in specs:
+            chosen = {**shared, **spec.params}
+            try:
+                runtime.fit(runtime.params(alg=spec.alg, **chosen), longest)
+            except GenerationError as exc:
+                raise GenerationError(f"--algs '{spec.label}': {exc}") from None
+            runs.append((spec, chosen))
     return EvalPlan(task, problems, prompts, runs)
 
 
@@ -119,7 +138,8 @@ def run(runtime: Runtime, work: EvalPlan, progress: Callable[[], None] = lambda:
         dllm, verifier = sum(out.dllm_forwards for out in outs), sum(out.verifier_forwards for out in outs)
         # Alone, the time spent generating; in a batch, the wall time (requests overlap).
         seconds = sum(out.seconds for out in outs) if batch_size == 1 else wall
-        results.append(AlgResult(spec.label, n, correct, correct / n, tokens / max(steps, 1), dllm / n, verifier / n,
+        results.append(AlgResult(spec.label, params["max_new_tokens"], n, correct, correct / n,
+                                 *wilson_interval(correct, n), tokens / max(steps, 1), dllm / n, verifier / n,
                                  tokens / seconds if seconds else 0.0, round(seconds, 3)))
     return results
 
@@ -137,15 +157,17 @@ def _solve(runtime: Runtime, prompts: list[np.ndarray], params: dict[str, Any], 
 
 def evaluate(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
              params: dict[str, Any] | None = None, progress: Callable[[], None] = lambda: None,
-             batch_size: int = 1, lanes: int = 1) -> list[AlgResult]:
+             batch_size: int = 1, lanes: int = 1, lengths: list[int] | None = None) -> list[AlgResult]:
     """`plan`, then `run`: every argument is checked before the first problem is solved."""
-    return run(runtime, plan(runtime, task, split, n, algs, params), progress, batch_size, lanes)
+    return run(runtime, plan(runtime, task, split, n, algs, params, lengths), progress, batch_size, lanes)
 
 
 def format_table(results: list[AlgResult]) -> str:
-    header = ("alg", "accuracy", "tokens/step", "dLLM fwd/problem", "verifier fwd/problem", "tokens/s")
-    rows = [header] + [(r.alg, f"{r.accuracy:.1%} ({r.correct}/{r.problems})", f"{r.tokens_per_step:.2f}",
-                        f"{r.dllm_forwards_per_problem:.1f}", f"{r.verifier_forwards_per_problem:.1f}",
-                        f"{r.tokens_per_second:.0f}") for r in results]
+    header = ("alg", "max new", "accuracy [95% interval]", "tokens/step", "dLLM fwd/problem", "verifier fwd/problem",
+              "tokens/s")
+    rows = [header] + [(r.alg, str(r.max_new_tokens),
+                        f"{r.accuracy:.1%} ({r.correct}/{r.problems}) [{r.accuracy_low:.1%}, {r.accuracy_high:.1%}]",
+                        f"{r.tokens_per_step:.2f}", f"{r.dllm_forwards_per_problem:.1f}",
+                        f"{r.verifier_forwards_per_problem:.1f}", f"{r.tokens_per_second:.0f}") for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from apd_deploy.errors import GenerationError
-from apd_deploy.evaluation import evaluate, parse_algs
+from apd_deploy.evaluation import evaluate, parse_algs, wilson_interval
 from apd_deploy.tasks.arithmetic import SPLITS, extract_answer, problems
 
 REPO = Path(__file__).parents[1]
@@ -62,14 +62,24 @@ def test_eval_on_the_bundled_pair(demo_runtime):
     assert apd.tokens_per_step > 4 and one.tokens_per_step == 1.0 and eight.tokens_per_step > 4
 
 
+def test_wilson_interval():
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+
+
 def test_cli_eval_json(demo_bundle):
-    runs = [subprocess.run([CLI, "eval", str(demo_bundle), "--n", "6", "--algs", "apd,ar", "--json", *extra],
-                           capture_output=True, text=True, timeout=300) for extra in ([], ["--batch-size", "4"])]
+    runs = [subprocess.run([CLI, "eval", str(demo_bundle), "--n", "6", "--algs", "apd,ar", "--max-new-tokens", "32,40,32",
+                            "--json", *extra], capture_output=True, text=True, timeout=300)
+            for extra in ([], ["--batch-size", "4"])]
     for result in runs:
         assert result.returncode == 0, result.stderr
     alone, batched = ([json.loads(line) for line in result.stdout.splitlines()] for result in runs)
-    assert [r["alg"] for r in alone] == ["apd", "ar"]
+    assert [(r["alg"], r["max_new_tokens"]) for r in alone] == [("apd", 32), ("ar", 32), ("apd", 40), ("ar", 40)]
     assert {"accuracy", "tokens_per_step", "dllm_forwards_per_problem", "tokens_per_second"} <= set(alone[0])
+    for row in alone:
+        assert row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"]
+        assert (row["accuracy_low"], row["accuracy_high"]) == pytest.approx(wilson_interval(row["correct"], 6))
     for one, many in zip(alone, batched):  # the same answers, steps and forwards, batched
         assert {k: v for k, v in one.items() if "second" not in k} == {k: v for k, v in many.items() if "second" not in k}
 
