@@ -32,9 +32,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(bundle, *args: str, env: dict[str, str] | None = None, start_seconds: float = 60):
-    """`apd-deploy serve` on a free port; yields (base URL, process); stopped with SIGTERM after."""
-    port = free_port()
+def server(bundle, *args: str, env: dict[str, str] | None = None, start_seconds: float = 60, port: int | None = None):
+    """`apd-deploy serve` on a free port (or `port`); yields (base URL, process); stopped with SIGTERM after."""
+    port = port or free_port()
     proc = subprocess.Popen([CLI, "serve", str(bundle), "--port", str(port), "--threads", "1", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"

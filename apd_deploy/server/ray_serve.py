@@ -83,6 +83,10 @@ def serve_on_ray(settings, options: dict[str, Any], host: str, port: int, ray_ad
         signal.signal(sig, lambda *_: stop.set())
     started_serve, serving = ray_address is not None and not _serve_running(), False
     try:
+        if ray_address is not None and not started_serve and APP_NAME in serve.status().applications:
+            raise GenerationError(f"the Ray cluster at {ray_address} already serves an application '{APP_NAME}' "
+                                  "(another `apd-deploy serve --ray`); stop that one first (SIGTERM, or `serve "
+                                  "shutdown` for what a config file deployed)")
         check_every_node(settings)
         serve.start(proxy_location="EveryNode" if proxy_every_node else "HeadOnly",
                     http_options={"host": host, "port": port})
