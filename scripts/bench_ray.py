@@ -18,48 +18,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from apd_deploy.bench.serving import launched_server
 
 CLI = str(Path(sys.executable).with_name("apd-deploy"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
-def serving(bundle: str, engine: str, *args: str):
-    port = free_port()
-    command = [CLI, "serve", bundle, "--engine", engine, "--threads", "1", "--port", str(port), *args]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{' '.join(command)} did not start: {proc.stderr.read() if proc.poll() else ''}")
-            time.sleep(0.2)
+def serving(bundle: str, engine: str, *args: str) -> Iterator[str]:
+    with launched_server([bundle, "--engine", engine, "--threads", "1", *args], start_seconds=180) as (url, _):
         time.sleep(2)  # let the replicas finish warming up
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
 
 
 def bench(url: str, out: Path, levels: str, requests: int, *extra: str) -> dict:

@@ -20,9 +20,10 @@ import httpx
 import openai
 import pytest
 
+from apd_deploy.bench.serving import free_port
 from apd_deploy.tasks.arithmetic import extract_answer
 from tests.test_hardening_cli import run
-from tests.test_server import CLI, KEY, QUESTIONS, client, free_port, server
+from tests.test_server import CLI, KEY, QUESTIONS, client, server
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'apd-deploy[ray]'")
 

@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,41 +18,18 @@ import httpx
 import openai
 import pytest
 
+from apd_deploy.bench.serving import launched_server
 from apd_deploy.tasks.arithmetic import extract_answer, problems
 
 CLI = str(Path(sys.executable).with_name("apd-deploy"))
 KEY = "test-key-0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def server(bundle, *args: str, env: dict[str, str] | None = None, start_seconds: float = 60, port: int | None = None):
     """`apd-deploy serve` on a free port (or `port`); yields (base URL, process); stopped with SIGTERM after."""
-    port = port or free_port()
-    proc = subprocess.Popen([CLI, "serve", str(bundle), "--port", str(port), "--threads", "1", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + start_seconds
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the server did not start: {proc.communicate()[1]}")
-            time.sleep(0.1)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+    with launched_server([str(bundle), "--threads", "1", *args], port, env, start_seconds) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,18 @@ the other (Ray Serve's proxy and routing over the single-process server).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -176,6 +184,41 @@ def paired_overhead(url: str, jobs: list[Job], stream: bool, api_key: str | None
     overhead_ms = 1000 * statistics.median(differences)
     return {"baseline": baseline.name, "pairs": len(jobs), "server_p50_ms": server_ms, "baseline_p50_ms": baseline_ms,
             "overhead_ms": overhead_ms, "overhead_share": overhead_ms / server_ms, "same_answers": same}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def launched_server(args: list[str], port: int | None = None, env: dict[str, str] | None = None,
+                    start_seconds: float = 60) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`apd-deploy serve ARGS --port PORT` (a free port unless given) in a process of its own, once
+    /ready answers: yields its base URL and the process, and stops it with SIGTERM after (benchmarks
+    and tests, which meet the server as users do)."""
+    port = port or free_port()
+    command = [str(Path(sys.executable).with_name("apd-deploy")), "serve", *args, "--port", str(port)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_seconds
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(command)} did not start: {proc.communicate(timeout=60)[1]}")
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
 
 
 def format_serve(rows: list[ServeLevel]) -> str:
