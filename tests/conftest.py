@@ -81,3 +81,12 @@ def runtime_without_eos(tiny_bundle):
 def _private_verification_memo(tmp_path_factory):
     """Keep the runtime's memo of verified bundle files out of the user's cache directory."""
     os.environ["APD_DEPLOY_CACHE"] = str(tmp_path_factory.mktemp("apd-cache"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "loadfile":
+        from tests.scheduling import AloneLastScheduling
+
+        return AloneLastScheduling(config, log)
+    return None
