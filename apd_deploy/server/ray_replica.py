@@ -32,6 +32,7 @@ PUSH_SECONDS = 1.0
 STALE_SECONDS = 10.0
 DROP_SECONDS = 1.0
 DRAIN_POLL_SECONDS = 0.25
+HEALTH_CHECK_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class ReplicaSettings:
             "graceful_shutdown_timeout_s": self.grace_seconds,
             # How often a stopping replica looks whether its requests are done (Serve's default: 2 s).
             "graceful_shutdown_wait_loop_s": DRAIN_POLL_SECONDS,
+            # Serve learns that a replica's process died from its next health check (default every
+            # 10 s): the check is a flag's read, so a dead replica is replaced within about 2 s.
+            "health_check_period_s": HEALTH_CHECK_SECONDS,
         }
         if autoscale is not None:
             low, high = autoscale
