@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,16 @@ def test_problems_are_reproducible_and_checkable():
         assert extract_answer(problem.solution) == problem.answer
         assert problem.solution.count("=") == 2
     assert extract_answer("12 + 3 = 15. The answer is 15.") == 15 and extract_answer("no answer") is None
+    assert extract_answer("3 + 12 = 15. Answer: 15.") == 15 and extract_answer("The: 15.") is None
+
+
+def test_solutions_come_in_more_than_one_form():
+    """Either order of `+`'s operands, either answer line: what parallel decoding can mix up."""
+    solutions = [p.solution for p in itertools.islice(problems("train"), 400)]
+    assert 0.35 < sum("Answer: " in s for s in solutions) / len(solutions) < 0.65
+    sums = [re.match(r"(\d+) \+ (\d+) =", s) for s in solutions]
+    smaller_first = [int(m.group(1)) < int(m.group(2)) for m in sums if m and m.group(1) != m.group(2)]
+    assert 0.35 < sum(smaller_first) / len(smaller_first) < 0.65
 
 
 def test_demo_pair_is_small_and_documented():

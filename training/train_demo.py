@@ -9,7 +9,10 @@ is made the way Dream 7B was made from Qwen2.5 7B: an autoregressive model of th
 trained first, then its weights are switched to bidirectional attention and trained with the
 masked-diffusion objective. Dream's shifted-logit convention (the output at position j-1 predicts
 token j) is the AR convention, so it carries over. Most diffusion rows mask a suffix of the
-answer, the state left-to-right and APD decoding see; the rest mask random positions.
+answer, the state left-to-right and APD decoding see; the rest mask random positions. Each batch
+draws its canvas length (answer, EOS, EOS padding) from 32..100, so the dLLM answers the same
+whatever `--max-new-tokens` a user sets. The verifier is small and stops learning before it
+solves half the problems alone, as the paper's 0.5B verifier is far weaker than its 7B dLLM.
 Checkpoints are written as ordinary Hugging Face directories that `apd-deploy export` takes.
 """
 
@@ -33,10 +36,12 @@ from apd_deploy.export.config import ModelConfig  # noqa: E402
 from apd_deploy.export.transformer import DecoderLM  # noqa: E402
 from apd_deploy.tasks.arithmetic import extract_answer, problems  # noqa: E402
 
-CANVAS = 32  # answer positions: the solution (at most 28 tokens), EOS, then EOS padding
-MAX_POSITIONS = 128
+# Answer positions: the solution (at most 28 tokens), EOS, then EOS padding; one length per batch.
+CANVASES = range(32, 101)
+VALIDATION_CANVASES = (32, 96)
+MAX_POSITIONS = 160  # the longest prompt (29 tokens) and 128 new tokens
 DLLM_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
-VERIFIER_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+VERIFIER_SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
 def log(message: str) -> None:
@@ -109,27 +114,29 @@ def ar_loss(model: DecoderLM, data: Data, size: int) -> torch.Tensor:
 
 def diffusion_loss(model: DecoderLM, data: Data, size: int, rng: random.Random, suffix_share: float) -> torch.Tensor:
     rows = []
+    length = rng.choice(CANVASES)
+    # Padding after the answer's EOS is easy and plentiful: all of it counts as about six positions.
+    padding = 0.2 * 32 / length
     for problem in itertools.islice(data.train, size):
         prompt, answer = data.encode(problem)
-        canvas = answer + [data.ids[EOS]] * (CANVAS - len(answer))
+        canvas = answer + [data.ids[EOS]] * (length - len(answer))
         if rng.random() < suffix_share:  # a committed prefix, everything after it masked
-            start = rng.randrange(CANVAS)
-            hide = [j >= start for j in range(CANVAS)]
+            start = rng.randrange(min(length, len(answer) + 4))
+            hide = [j >= start for j in range(length)]
         else:
             ratio = rng.uniform(0.05, 1.0)
-            hide = [rng.random() < ratio for _ in range(CANVAS)]
-            hide[rng.randrange(CANVAS)] = True
-        # Padding after the answer's EOS is easy and plentiful: it counts a fifth.
-        weight = [(1.0 if j < len(answer) else 0.2) if h else 0.0 for j, h in enumerate(hide)]
+            hide = [rng.random() < ratio for _ in range(length)]
+            hide[rng.randrange(len(answer))] = True
+        weight = [(1.0 if j < len(answer) else padding) if h else 0.0 for j, h in enumerate(hide)]
         rows.append((prompt, canvas, hide, weight))
-    width = max(len(p) for p, *_ in rows) + CANVAS
+    width = max(len(p) for p, *_ in rows) + length
     ids = torch.full((size, width), data.ids[EOS])
     targets = torch.full((size, width), data.ids[EOS])
     valid = torch.zeros(size, width, dtype=torch.int64)
     weights = torch.zeros(size, width)
     first = torch.zeros(size, width)
     for i, (prompt, canvas, hide, weight) in enumerate(rows):
-        n = len(prompt) + CANVAS
+        n = len(prompt) + length
         full = torch.tensor(prompt + canvas)
         targets[i, :n] = full
         ids[i, :n] = torch.where(torch.tensor([False] * len(prompt) + hide), data.ids[MASK], full)
@@ -146,20 +153,24 @@ def diffusion_loss(model: DecoderLM, data: Data, size: int, rng: random.Random, 
 
 
 @torch.no_grad()
-def accuracy(model: DecoderLM, data: Data, n: int = 200) -> float:
-    """Greedy one token per step over the whole canvas (no cache), left-padded batch."""
+def accuracy(model: DecoderLM, data: Data, n: int = 200, canvas: int = 32) -> float:
+    """Greedy one token per step over the whole canvas (no cache), left-padded batch, until every
+    row has its EOS."""
     model.eval()
     encoded = [data.encode(p)[0] for p in data.validation[:n]]
     width = max(map(len, encoded))
-    ids = torch.full((n, width + CANVAS), data.ids[MASK] if not model.config.causal else data.ids[EOS])
-    valid = torch.ones(n, width + CANVAS, dtype=torch.int64)
+    ids = torch.full((n, width + canvas), data.ids[MASK] if not model.config.causal else data.ids[EOS])
+    valid = torch.ones(n, width + canvas, dtype=torch.int64)
     for i, prompt in enumerate(encoded):
         ids[i, width - len(prompt) : width] = torch.tensor(prompt)
         valid[i, : width - len(prompt)] = 0
-    for k in range(CANVAS):
-        end = width + k if model.config.causal else width + CANVAS
+    for k in range(canvas):
+        end = width + k if model.config.causal else width + canvas
         logits = forward(model, ids[:, :end], valid[:, :end])
         ids[:, width + k] = logits[:, width + k - 1, : data.tokenizer.get_vocab_size()].argmax(-1)
+        if (ids[:, width : width + k + 1] == data.ids[EOS]).any(1).all():
+            ids[:, width + k + 1 :] = data.ids[EOS]
+            break
     correct = 0
     for i, problem in enumerate(data.validation[:n]):
         answer = ids[i, width:].tolist()
@@ -169,13 +180,39 @@ def accuracy(model: DecoderLM, data: Data, n: int = 200) -> float:
     return correct / n
 
 
-def train(model: DecoderLM, loss_fn, minutes: float, lr: float, data: Data, eval_every: float, record: dict) -> DecoderLM:
+def validate(model: DecoderLM, data: Data, canvases: tuple[int, ...]) -> dict:
+    """Validation accuracy at each canvas length; `accuracy` is the worst of them."""
+    if len(canvases) == 1:
+        return {"accuracy": accuracy(model, data, 200, canvases[0])}
+    each = {f"accuracy_{canvas}": accuracy(model, data, 100, canvas) for canvas in canvases}
+    return {"accuracy": min(each.values()), **each}
+
+
+def train(model: DecoderLM, loss_fn, minutes: float, lr: float, data: Data, eval_every: float, record: dict,
+          canvases: tuple[int, ...] = (32,), cap: float | None = None) -> DecoderLM:
+    """Train for `minutes`; keep the checkpoint of the best validation. With `cap`, keep the best at
+    or under it, and stop at the first validation above it."""
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     start, next_eval, step = time.time(), eval_every, 0
     best = (-1.0, None)
     losses = []
+
+    def evaluate(elapsed: float) -> bool:
+        nonlocal best
+        scores = validate(model, data, canvases)
+        log(f"validation {json.dumps(scores)} at step {step}")
+        record["evaluations"].append({"minutes": round(elapsed, 1), "step": step, **scores,
+                                      "loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4)})
+        model.train()
+        if cap is not None and scores["accuracy"] > cap:
+            return False
+        if scores["accuracy"] >= best[0]:
+            best = (scores["accuracy"], {k: v.clone() for k, v in model.state_dict().items()})
+        return True
+
     model.train()
-    while (elapsed := (time.time() - start) / 60) < minutes:
+    going = True
+    while going and (elapsed := (time.time() - start) / 60) < minutes:
         warm = min(1.0, (step + 1) / 100)
         for group in optimiser.param_groups:
             group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * elapsed / minutes)))
@@ -188,19 +225,13 @@ def train(model: DecoderLM, loss_fn, minutes: float, lr: float, data: Data, eval
         step += 1
         if step % 50 == 0:
             log(f"step {step} loss {sum(losses[-50:]) / 50:.4f} ({elapsed:.1f} min)")
-        if elapsed >= next_eval or (time.time() - start) / 60 >= minutes:
-            acc = accuracy(model, data)
-            log(f"validation accuracy {acc:.3f} at step {step}")
-            record["evaluations"].append({"minutes": round(elapsed, 1), "step": step, "accuracy": acc,
-                                          "loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)})
-            if acc > best[0]:
-                best = (acc, {k: v.clone() for k, v in model.state_dict().items()})
+        if elapsed >= next_eval:
+            going = evaluate(elapsed)
             next_eval += eval_every
-    acc = accuracy(model, data)
-    record["evaluations"].append({"minutes": round(minutes, 1), "step": step, "accuracy": acc,
-                                  "loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)})
-    if acc >= best[0]:
-        best = (acc, model.state_dict())
+    if going:
+        evaluate((time.time() - start) / 60)
+    if best[1] is None:
+        raise SystemExit(f"no validation was at or under --max-accuracy {cap}: evaluate sooner or raise it")
     record.update(steps=step, final_loss=record["evaluations"][-1]["loss"], best_validation_accuracy=best[0])
     model.load_state_dict(best[1])
     return model
@@ -248,6 +279,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="dllm-diffusion: continue from OUT/dllm")
+    parser.add_argument("--max-accuracy", type=float, default=None,
+                        help="verifier: keep its validation accuracy at most this (it stops learning there)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = Data(args.seed)
@@ -259,7 +292,8 @@ def main() -> None:
         cfg = config(VERIFIER_SHAPE, -(-vocab // 16) * 16, True, data, tied=True)
         model = new_model(cfg, args.seed)
         record["lr"] = lr = args.lr or 2e-3
-        model = train(model, lambda m: ar_loss(m, data, args.batch), args.minutes, lr, data, 3.0, record)
+        model = train(model, lambda m: ar_loss(m, data, args.batch), args.minutes, lr, data, 1.0, record,
+                      cap=args.max_accuracy)
         save(model, data, args.out / "verifier", "Qwen2ForCausalLM")
     elif args.phase == "dllm-ar":
         # The verifier's vocabulary rounded up, plus 16 unused rows: Dream's is larger than Qwen2.5's too.
@@ -273,11 +307,12 @@ def main() -> None:
         cfg = config(DLLM_SHAPE, -(-vocab // 16) * 16 + 16, False, data, tied=False)
         model = DecoderLM(cfg, qkv_bias=True)
         model.load_state_dict(load_weights(args.out / "dllm") if args.resume else torch.load(args.work / "dllm-ar.pt"))
-        record["start_accuracy"] = accuracy(model, data)
-        log(f"AR weights with bidirectional attention: validation accuracy {record['start_accuracy']:.3f}")
+        record["start"] = validate(model, data, VALIDATION_CANVASES)
+        log(f"AR weights with bidirectional attention: validation {json.dumps(record['start'])}")
         rng = random.Random(args.seed)
         record["lr"] = lr = args.lr or 1e-3
-        model = train(model, lambda m: diffusion_loss(m, data, args.batch, rng, 0.8), args.minutes, lr, data, 4.0, record)
+        model = train(model, lambda m: diffusion_loss(m, data, args.batch, rng, 0.8), args.minutes, lr, data, 4.0, record,
+                      VALIDATION_CANVASES)
         save(model, data, args.out / "dllm", "DreamModel")
     record["seconds"] = round(time.time() - started)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,11 @@ worked solution, and a final answer line, e.g.
     A: 23 + 19 = 42. 42 - 5 = 37. The answer is 37.
 
 The second equation reuses the first result, so the answer's tokens depend on each other: the
-kind of dependency that per-position parallel decoding gets wrong. Problems are split into train,
-validation and test by a hash of the problem itself, so no problem is in two splits.
+kind of dependency that per-position parallel decoding gets wrong. A solution has more than one
+correct form: the operands of `+` come in either order, and the answer line is either
+"The answer is 37." or "Answer: 37.". Decoding positions independently can mix two forms
+("19 + 19 = 42", "The: 37."), which is where APD's verifier earns its keep. Problems are split into
+train, validation and test by a hash of the question, so no problem is in two splits.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 NAMES = ("Tom", "Anna", "Ben", "Mia", "Sam", "Lucy", "Max", "Emma", "Leo", "Zoe", "Omar", "Ines")
 ITEMS = ("apples", "books", "coins", "stamps", "pens", "cards", "shells", "marbles", "eggs", "toys")
 SPLITS = {"train": range(0, 90), "validation": range(90, 95), "test": range(95, 100)}
-ANSWER = re.compile(r"The answer is (-?\d+)\.")
+ANSWER = re.compile(r"(?:The answer is|Answer:) (-?\d+)\.")
+ANSWER_LINES = ("The answer is {}.", "Answer: {}.")
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,18 @@ def random_problem(rng: random.Random) -> Problem:
         if first >= 0 and second >= 0:
             break
     question = template.question.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b, c=c)
-    solution = (f"{a} {template.ops[0]} {b} = {first}. {first} {template.ops[1]} {c} = {second}. "
-                f"The answer is {second}.")
+    # The form is drawn from the question, not from `rng`: the stream of questions (and so each
+    # split's problems) stays what it was before solutions had more than one form.
+    form = random.Random(question)
+    solution = (f"{_equation(form, a, template.ops[0], b, first)} {_equation(form, first, template.ops[1], c, second)} "
+                + form.choice(ANSWER_LINES).format(second))
     return Problem(question, solution, second)
+
+
+def _equation(form: random.Random, x: int, op: str, y: int, result: int) -> str:
+    if op == "+" and form.random() < 0.5:
+        x, y = y, x
+    return f"{x} {op} {y} = {result}."
 
 
 def problems(split: str, seed: int = 0) -> Iterator[Problem]:
@@ -82,6 +95,6 @@ def problems(split: str, seed: int = 0) -> Iterator[Problem]:
 
 
 def extract_answer(text: str) -> int | None:
-    """The number of the first answer line in generated text, or None."""
+    """The number of the first answer line (either form) in generated text, or None."""
     match = ANSWER.search(text)
     return int(match.group(1)) if match else None
