@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,20 +15,38 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """`make(folder)` run once per test run: pytest-xdist's workers share what the first one made
+    (an export of the demo pair takes half a minute of a core)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name) / name
+        make(folder)
+        return folder
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # this run's, above each worker's own
+    folder = shared / name / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (shared / name / "made").exists():
+            shutil.rmtree(shared / name, ignore_errors=True)  # a worker that failed midway
+            folder.parent.mkdir(parents=True)
+            make(folder)
+            (shared / name / "made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
     from apd_deploy.export.tiny import make_tiny
 
-    return make_tiny(tmp_path_factory.mktemp("tiny") / "pair")
+    return made_once(tmp_path_factory, "tiny", make_tiny)
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_pair, tmp_path_factory):
     from apd_deploy.export.pipeline import export_bundle
 
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    export_bundle(tiny_pair / "dllm", tiny_pair / "verifier", out)
-    return out
+    return made_once(tmp_path_factory, "bundle", lambda out: export_bundle(tiny_pair / "dllm", tiny_pair / "verifier", out))
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +54,8 @@ def tiny_fp16_bundle(tiny_pair, tmp_path_factory):
     """The tiny pair exported in fp16, once per session: for the export's checks and the CPU engine."""
     from apd_deploy.export.pipeline import export_bundle
 
-    out = tmp_path_factory.mktemp("bundle-fp16") / "b"
-    export_bundle(tiny_pair / "dllm", tiny_pair / "verifier", out, dtype="fp16")
-    return out
+    return made_once(tmp_path_factory, "bundle-fp16",
+                     lambda out: export_bundle(tiny_pair / "dllm", tiny_pair / "verifier", out, dtype="fp16"))
 
 
 @pytest.fixture(scope="session")
@@ -46,10 +65,12 @@ def demo_bundle(tmp_path_factory):
     from apd_deploy.export.pipeline import export_bundle
 
     models = Path(__file__).parents[1] / "models" / "arithmetic"
-    out = tmp_path_factory.mktemp("demo") / "bundle"
-    export_bundle(models / "dllm", models / "verifier", out)
-    build_engine(out, "onnxruntime")
-    return out
+
+    def make(out: Path) -> None:
+        export_bundle(models / "dllm", models / "verifier", out)
+        build_engine(out, "onnxruntime")
+
+    return made_once(tmp_path_factory, "demo", make)
 
 
 @pytest.fixture(scope="module")

@@ -311,7 +311,7 @@ def main() -> None:
         log(f"AR weights with bidirectional attention: validation {json.dumps(record['start'])}")
         rng = random.Random(args.seed)
         record["lr"] = lr = args.lr or 1e-3
-        model = train(model, lambda m: diffusion_loss(m, data, args.batch, rng, 0.8), args.minutes, lr, data, 4.0, record,
+        model = train(model, lambda m: diffusion_loss(m, data, args.batch, rng, 0.8), args.minutes, lr, data, 7.0, record,
                       VALIDATION_CANVASES)
         save(model, data, args.out / "dllm", "DreamModel")
     record["seconds"] = round(time.time() - started)
