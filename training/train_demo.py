@@ -268,6 +268,22 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
+def carried_over(model: DecoderLM, data: Data, directory: Path) -> dict[str, torch.Tensor]:
+    """`model`'s weights with those of the checkpoint in `directory` (same shape, its own tokenizer):
+    each vocabulary row goes to its token's id here; rows of tokens it lacks keep `model`'s."""
+    old = json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"]
+    weights = load_weights(directory)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = [(new_id, old[token]) for token, new_id in data.tokenizer.get_vocab().items() if token in old]
+    for name, value in weights.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            for new_id, old_id in rows:
+                state[name][new_id] = value[old_id]
+        else:
+            state[name] = value
+    return state
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--phase", choices=("verifier", "dllm-ar", "dllm-diffusion"), required=True)
@@ -279,6 +295,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="dllm-diffusion: continue from OUT/dllm")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="dllm-diffusion: start from this Dream checkpoint (its tokenizer's rows carried over)")
     parser.add_argument("--max-accuracy", type=float, default=None,
                         help="verifier: keep its validation accuracy at most this (it stops learning there)")
     args = parser.parse_args()
@@ -305,10 +323,14 @@ def main() -> None:
         torch.save(model.state_dict(), args.work / "dllm-ar.pt")
     else:
         cfg = config(DLLM_SHAPE, -(-vocab // 16) * 16 + 16, False, data, tied=False)
-        model = DecoderLM(cfg, qkv_bias=True)
-        model.load_state_dict(load_weights(args.out / "dllm") if args.resume else torch.load(args.work / "dllm-ar.pt"))
+        if args.init is not None:
+            model = new_model(cfg, args.seed + 1)
+            model.load_state_dict(carried_over(model, data, args.init))
+        else:
+            model = DecoderLM(cfg, qkv_bias=True)
+            model.load_state_dict(load_weights(args.out / "dllm") if args.resume else torch.load(args.work / "dllm-ar.pt"))
         record["start"] = validate(model, data, VALIDATION_CANVASES)
-        log(f"AR weights with bidirectional attention: validation {json.dumps(record['start'])}")
+        log(f"starting weights, bidirectional attention: validation {json.dumps(record['start'])}")
         rng = random.Random(args.seed)
         record["lr"] = lr = args.lr or 1e-3
         model = train(model, lambda m: diffusion_loss(m, data, args.batch, rng, 0.8), args.minutes, lr, data, 7.0, record,
