@@ -30,7 +30,7 @@ from apd_deploy.server.metrics import labelled_page
 
 PUSH_SECONDS = 1.0
 STALE_SECONDS = 10.0
-DROP_SECONDS = 1.0
+DROP_SECONDS = 0.25
 DRAIN_POLL_SECONDS = 0.25
 HEALTH_CHECK_SECONDS = 2.0
 
@@ -124,7 +124,10 @@ def check_here(settings: ReplicaSettings) -> None:
 def check_every_node(settings: ReplicaSettings) -> None:
     """`check_here` at once on every node that could hold a replica (enough CPUs, a GPU if the
     engine needs one), before anything is deployed: one error lists each node whose bundle is
-    missing or differs. A node that joins later is checked by the replicas Serve places on it."""
+    missing or differs. A node that joins later is checked by the replicas Serve places on it.
+    The driver's own node is checked in this process (a Ray task would start a worker for it),
+    unless the driver is a Ray Client, whose files are not the cluster's."""
+    from ray.util.client import ray as ray_client
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     def could_hold_a_replica(node: dict[str, Any]) -> bool:
@@ -137,10 +140,16 @@ def check_every_node(settings: ReplicaSettings) -> None:
         need = f"{settings.threads} CPU{'s' * (settings.threads > 1)}" + (" and a GPU" if settings.gpu else "")
         raise GenerationError(f"no node of the Ray cluster has {need} for a replica (--threads {settings.threads}); "
                               "use fewer --threads, or add a node (`ray status` lists what each node has)")
+    here = None if ray_client.is_connected() else ray.get_runtime_context().get_node_id()
     check = ray.remote(num_cpus=0, max_retries=0)(check_here)
     pending = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(settings)
-               for node in nodes]
+               for node in nodes if node["NodeID"] != here]
     failures = []
+    if any(node["NodeID"] == here for node in nodes):
+        try:
+            check_here(settings)
+        except BundleError as exc:
+            failures.append(str(exc))
     for task in pending:
         try:
             ray.get(task)
