@@ -228,7 +228,8 @@ def test_sigterm_leaves_no_ray_process(local_ray, ray_tmp):
 
 
 # A simulated cluster in a process of its own: two Ray nodes on this machine, one CPU each, with
-# Serve's proxy running on the port given (as on a cluster where Serve already runs). It prints its
+# Serve's proxy running on the head node at the port given (as on a cluster where Serve already
+# runs; one proxy, as the command starts by default, rather than Serve's one per node). It prints its
 # address once all is up, and shuts down when its stdin closes.
 CLUSTER = """
 import sys
@@ -238,7 +239,7 @@ from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address)
-serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[1])})
+serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": int(sys.argv[1])})
 ray.shutdown()
 print(cluster.address, flush=True)
 sys.stdin.read()
