@@ -20,4 +20,4 @@ fi
 QUESTION=$(.venv/bin/python -c "from apd_deploy.tasks.arithmetic import problems; print(next(problems('test')).question)")
 echo "Q: $QUESTION"
 "$APD" generate "$BUNDLE" --engine onnxruntime-cpu-fp32 --chat --prompt "$QUESTION" --max-new-tokens 32
-"$APD" eval "$BUNDLE" --engine onnxruntime-cpu-fp32 --n "${N:-100}" --algs apd,leftright:1,leftright:4,leftright:8
+"$APD" eval "$BUNDLE" --engine onnxruntime-cpu-fp32 --n "${N:-100}" --algs apd,leftright:1,leftright:4,leftright:8,ar

@@ -68,8 +68,10 @@ def test_eval_on_the_bundled_pair(demo_runtime):
     """A handful of test problems, through export -> engine -> eval, within CI time."""
     results = {r.alg: r for r in evaluate(demo_runtime, n=24, algs="apd,leftright:1,leftright:8")}
     one, apd, eight = results["leftright:1"], results["apd"], results["leftright:8"]
-    assert one.accuracy >= 0.85 and apd.accuracy >= one.accuracy - 0.1 and eight.accuracy >= 0.6
-    assert apd.dllm_forwards_per_problem * 3 <= one.dllm_forwards_per_problem
+    # The README's figures (500 problems): 91.4% one token per step, 93.4% APD with 5.3x fewer
+    # forwards, 3.0% eight tokens per step (drafted independently, positions mix two forms).
+    assert one.accuracy >= 0.85 and apd.accuracy >= one.accuracy - 0.1 and eight.accuracy <= 0.25
+    assert apd.dllm_forwards_per_problem * 4 <= one.dllm_forwards_per_problem
     assert apd.tokens_per_step > 4 and one.tokens_per_step == 1.0 and eight.tokens_per_step > 4
 
 
@@ -110,15 +112,24 @@ def test_batched_answers_equal_answers_alone(demo_runtime):
 
 
 @pytest.mark.slow
-def test_issue_targets_on_200_test_problems(demo_runtime):
-    """The README's figures: `pytest -m slow` (several minutes)."""
-    results = {r.alg: r for r in evaluate(demo_runtime, n=200, algs="apd,leftright:1,leftright:4,leftright:8")}
-    one = results["leftright:1"]
-    assert one.accuracy >= 0.9
-    assert results["apd"].accuracy >= one.accuracy - 0.02
-    assert results["apd"].dllm_forwards_per_problem * 3 <= one.dllm_forwards_per_problem
-    # The README's figures: 97.0% (leftright:1), 98.0% (apd), 94.5% (leftright:4), 92.5% (leftright:8).
-    assert results["leftright:4"].accuracy < one.accuracy and results["leftright:8"].accuracy < results["leftright:4"].accuracy
+def test_issue_targets_on_500_test_problems(demo_runtime):
+    """The README's figures (`pytest -m slow`): at every length a user may set, the dLLM one token
+    per step solves 90%, APD as many (within 2 points) with a fifth of its forwards, eight tokens per
+    step 10 points fewer, and the verifier alone at most 60%. At temperature 1, APD stays within
+    noise of one token per step and eight tokens per step falls clearly below it."""
+    results = {(r.alg, r.max_new_tokens): r for r in evaluate(demo_runtime, n=500, algs="apd,leftright:1,leftright:8,ar",
+                                                              lengths=[32, 48, 64, 96])}
+    for length in (32, 48, 64, 96):
+        one, apd = results["leftright:1", length], results["apd", length]
+        assert one.accuracy >= 0.9, length
+        assert apd.accuracy >= one.accuracy - 0.02, length
+        assert apd.dllm_forwards_per_problem * 5 <= one.dllm_forwards_per_problem, length
+        assert results["leftright:8", length].accuracy <= one.accuracy - 0.10, length
+        assert results["ar", length].accuracy <= 0.6, length
+    sampled = {r.alg: r for r in evaluate(demo_runtime, n=500, algs="apd,leftright:1,leftright:8",
+                                                 params={"temperature": 1.0, "seed": 0})}
+    assert sampled["apd"].accuracy >= sampled["leftright:1"].accuracy - 0.03
+    assert sampled["leftright:8"].accuracy <= sampled["leftright:1"].accuracy - 0.05
 
 
 def _stamp(action, bundle, *sources):

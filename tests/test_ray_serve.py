@@ -215,7 +215,7 @@ def test_a_killed_replica_fails_only_its_requests_and_comes_back(local_ray):
         thread.join(timeout=90)
         assert not thread.is_alive(), "a request hung"
     assert outcomes.count("ok") > len(outcomes) // 2, Counter(outcomes)
-    for problem in QUESTIONS[:4]:
+    for problem in QUESTIONS[:3] + QUESTIONS[4:5]:  # ones the demo pair answers right (it misses QUESTIONS[3])
         assert extract_answer(ask(c, problem)) == problem.answer
 
 
