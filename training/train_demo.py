@@ -1,4 +1,4 @@
-"""Train the bundled demo pair on arithmetic word problems, on a CPU, in about an hour and a quarter.
+"""Train the bundled demo pair on arithmetic word problems, on a CPU, in about 100 minutes.
 
     python training/train_demo.py --phase dllm-ar --minutes 25          # the dLLM's shape, trained AR
     python training/train_demo.py --phase verifier --minutes 8          # the AR verifier
@@ -113,11 +113,8 @@ def forward(model: DecoderLM, ids: torch.Tensor, valid: torch.Tensor) -> torch.T
     return logits
 
 
-def ar_batch(data: Data, size: int, rewording: random.Random | None = None):
-    return ar_batch_of(data, itertools.islice(data.train, size), rewording)
-
-
-def ar_batch_of(data: Data, batch, rewording: random.Random | None = None):
+def ar_batch(data: Data, batch, rewording: random.Random | None = None):
+    """Prompt and answer rows, EOS-padded on the right; `loss_at` marks the answer tokens."""
     rows, targets = [], []
     for problem in batch:
         prompt, answer = data.encode(problem, rewording)
@@ -133,7 +130,7 @@ def ar_batch_of(data: Data, batch, rewording: random.Random | None = None):
 
 
 def ar_loss(model: DecoderLM, data: Data, size: int, rewording: random.Random | None = None) -> torch.Tensor:
-    ids, valid, loss_at = ar_batch(data, size, rewording)
+    ids, valid, loss_at = ar_batch(data, itertools.islice(data.train, size), rewording)
     logits = forward(model, ids, valid)
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
     weights = loss_at[:, 1:]
@@ -221,15 +218,15 @@ def checks(model: DecoderLM, data: Data, n: int = 200) -> float:
     """Share of validation solutions whose every result token (the digits after "=", "is" or ":"),
     fed the solution before it, is the AR model's greedy prediction: how well it checks a draft."""
     model.eval()
-    ids, valid, _ = ar_batch_of(data, data.validation[:n])
+    ids, valid, answer_at = ar_batch(data, data.validation[:n])
     predicted = forward(model, ids, valid).argmax(-1)
     right = 0
-    for i, problem in enumerate(data.validation[:n]):
-        prompt, answer = data.encode(problem)
-        pieces, in_result, ok = [data.tokenizer.decode([t]) for t in answer], False, True
-        for j, piece in enumerate(pieces):
+    for row, guesses, at in zip(ids.tolist(), predicted.tolist(), answer_at.bool().tolist()):
+        in_result, ok = False, True
+        for j in (j for j in range(len(row)) if at[j]):
+            piece = data.tokenizer.decode([row[j]])
             if in_result and piece.strip().isdigit():
-                ok &= bool(predicted[i, len(prompt) + j - 1] == answer[j])
+                ok &= guesses[j - 1] == row[j]
             in_result = piece in (" =", " is", ":") or (in_result and piece.strip().isdigit())
         right += ok
     model.train()
