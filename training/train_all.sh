@@ -3,7 +3,8 @@
 # both cores (phases side by side fought for them: 3 threads on 2 cores made each step 1.5x
 # slower): the dLLM's shape trained AR, the verifier (it checks solutions; alone it solves about
 # half), the dLLM's masked-diffusion stage, then more of it from where it stopped with every masked
-# position weighted alike (a fresh learning-rate schedule). Logs and records go to models/arithmetic/training-*.
+# position weighted alike (a fresh learning-rate schedule). Logs and records go to
+# models/arithmetic/training-*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
