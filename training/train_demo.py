@@ -12,7 +12,7 @@ bidirectional attention and trained with the masked-diffusion objective. Dream's
 convention (the output at position j-1 predicts token j) is the AR convention, so it carries over.
 The diffusion phase's learning rate is low (2e-4): at 1e-3 the switch to bidirectional attention
 wiped out what the AR phase had learnt (57% to 3% of the validation problems) and it took over 20
-minutes to climb back to 20%; at 2e-4 it passed 85% within 8 minutes. Most diffusion rows mask a
+minutes to climb back to 20%; at 2e-4 the first phase climbs from the AR weights' 52% to 97%. Most diffusion rows mask a
 suffix of the answer, the state left-to-right and APD decoding see; the rest mask random
 positions. In the first diffusion phase each row's first masked position counts 4 times more,
 since that is the token one-token-per-step decoding commits and the place where the model must
@@ -140,7 +140,7 @@ def ar_loss(model: DecoderLM, data: Data, size: int, rewording: random.Random | 
 
 
 def canvas_length(rng: random.Random) -> int:
-    """80% of the batches at 32..40, just past the longest answer (29 tokens and its EOS), 20% anywhere
+    """80% of the batches at 32..40, just past the longest answer (28 tokens and its EOS), 20% anywhere
     in 32..100: long canvases are mostly padding, which costs compute (a step at 36 takes 0.48 s, at
     53 0.63 s) and is quickly learnt."""
     return rng.choice(CANVASES[:9] if rng.random() < 0.8 else CANVASES)
