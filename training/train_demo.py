@@ -13,13 +13,13 @@ convention (the output at position j-1 predicts token j) is the AR convention, s
 The diffusion phase's learning rate is low (2e-4): at 1e-3 the switch to bidirectional attention
 wiped out what the AR phase had learnt (57% to 3% of the validation problems) and it took over 20
 minutes to climb back to 20%; at 2e-4 the first phase climbs from the AR weights' 52% to 97%.
-Most diffusion rows mask a suffix of the answer, the state left-to-right and APD decoding see;
-the rest mask random positions. In the first diffusion phase each row's first masked position counts 4 times more,
-since that is the token one-token-per-step decoding commits and the place where the model must
-read what was just committed (which operand came first); the second weights every masked
-position alike, which drafts the positions further ahead better. Each batch draws its canvas
-length (answer, EOS, EOS padding) from 32..100, most from 32..40, so the dLLM answers the same
-whatever `--max-new-tokens` a user sets.
+Most diffusion rows mask a suffix of the answer, the state left-to-right and APD decoding see; the
+rest mask random positions. In the first diffusion phase each row's first masked position counts 4
+times more, since that is the token one-token-per-step decoding commits and the place where the
+model must read what was just committed (which operand came first); the second weights every masked
+position alike, which drafts the positions further ahead better. Each batch draws its canvas length
+(answer, EOS, EOS padding) from 32..100, most from 32..40, so the dLLM answers the same whatever
+`--max-new-tokens` a user sets.
 
 The verifier is tiny and learns from questions told with a random template's words (the numbers,
 name and items kept): it reads which numbers a question gives, but not whether it adds or
