@@ -93,11 +93,30 @@ def remove_stale(target: Path) -> list[Path]:
     return removed
 
 
+def check_writable(target: Path, beside: bool = False) -> None:
+    """Raise BundleError unless the directory `target` can be made, or written in where it is one;
+    with `beside`, unless a directory can be made beside it (staging, then a rename). The nearest
+    existing folder must be a directory that takes a new entry: tried, not asked (os.access),
+    because root may write anywhere on paper, yet not on a read-only file system or in /proc. The
+    folder tried is removed at once."""
+    existing = next(p for p in ((target.parent, *target.parent.parents) if beside else (target, *target.parents))
+                    if os.path.lexists(p))
+    if not existing.is_dir():
+        what = "exists and is not a directory" if existing == target else f"{existing} is not a directory"
+        raise BundleError(f"{target}: {what}; choose another output path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".apd-deploy-probe-", dir=existing))
+    except OSError as exc:
+        raise BundleError(f"{target}: cannot write in {existing} ({exc.strerror}); choose another output "
+                          "path") from None
+
+
 def check_destination(target: Path, overwrite: bool, recognise: Recognise) -> None:
     """Raise BundleError unless `target` may be written: absent, an empty directory, or (with
-    `overwrite`) something `recognise` accepts."""
+    `overwrite`) something `recognise` accepts; and in a place this process can write."""
     if os.path.lexists(target) and not target.is_dir():
         raise BundleError(f"{target}: exists and is not a directory; remove it or choose another output path")
+    check_writable(target, beside=True)
     if not target.exists() or not any(target.iterdir()):
         return
     if not overwrite:
