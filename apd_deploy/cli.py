@@ -18,7 +18,7 @@ from apd_deploy.bundle import VERIFY_MODES
 from apd_deploy.cli_options import (CONTEXT, IntList, apd_options, library_checked, library_parsed, sampling_options,
                                     threads_option)
 from apd_deploy.engines.build import BACKENDS, DEVICES, PRECISIONS
-from apd_deploy.errors import ApdDeployError
+from apd_deploy.errors import ApdDeployError, GenerationError
 from apd_deploy.evaluation import DEFAULT_ALGS, TASKS, parse_algs
 from apd_deploy.runtime.diffusion import ORDERS
 from apd_deploy.runtime.params import ALGORITHMS, DEFAULT_MAX_NEW_TOKENS
@@ -199,11 +199,17 @@ def generate_command(bundle: str, prompt: str | None, prompt_ids: list[int] | No
                      array_backend: str | None, threads: int | None, verify: str, as_json: bool, **params: Any) -> None:
     """Generate from BUNDLE, streaming each step's accepted chunk (coloured in a terminal)."""
     from apd_deploy.runtime import Runtime
+    from apd_deploy.runtime.tokenizer import check_text
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if chat and prompt is None:
         raise click.UsageError("--chat wraps a text prompt: give --prompt TEXT, not --prompt-ids")
+    if prompt is not None:
+        try:
+            check_text(prompt, "--prompt")
+        except GenerationError as exc:
+            raise click.UsageError(str(exc)) from None
     runtime = Runtime.load(bundle, engine=engine, threads=threads, verify=verify, array_backend=array_backend)
     stream = runtime.stream(prompt if prompt is not None else prompt_ids, chat=chat, **params)
     if as_json:
@@ -406,6 +412,7 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
 
     from apd_deploy.bench.plots import plot_serve
     from apd_deploy.bench.report import write_rows
+    from apd_deploy.bench.runner import read_prompt_lines
     from apd_deploy.bench.serving import (RuntimeBaseline, ServerBaseline, format_serve, jobs_from, paired_overhead,
                                           run_level, summarise)
 
@@ -415,9 +422,10 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
         raise click.UsageError("give --compare-bundle or --compare-url, not both")
     extract = None
     if prompts_file:
-        lines = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
-        if not lines:
-            raise click.UsageError(f"{prompts_file}: no prompts (one per line)")
+        try:
+            lines = read_prompt_lines(prompts_file)
+        except GenerationError as exc:
+            raise click.UsageError(str(exc)) from None
         jobs = jobs_from(None, lines, [None] * len(lines), max_tokens, model)
     else:
         problems = list(itertools.islice(TASKS[task or "arithmetic"].problems("test"), requests))
@@ -490,7 +498,6 @@ def bench_command(bundle: str, algs: str | None, levels: str | None, lanes: int,
     With --concurrency: total and per-request tokens/s, latency and time to first chunk per level."""
     from apd_deploy.bench.report import format_table, write_results
     from apd_deploy.bench.runner import benchmark, check_benchmark, check_prompt_source, default_max_new_tokens, load_prompts
-    from apd_deploy.errors import GenerationError
     from apd_deploy.runtime import Runtime
     from apd_deploy.runtime.engine import default_threads
 

@@ -39,6 +39,7 @@ class BundleTokenizer:
             raise BundleError(f"{path}: cannot load the tokenizer ({exc})") from None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text, "the prompt")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
@@ -104,6 +105,19 @@ class TextStream:
         after = self.tokenizer.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
         return after[len(before) :] or None
+
+
+def check_text(text: str, what: str) -> None:
+    """Raise GenerationError naming `what` if `text` holds a lone surrogate: what Python makes of
+    bytes that are not UTF-8 (a command line's, with surrogateescape), and no character a
+    tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        found = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise GenerationError(f"{what} is not valid UTF-8 text ({found} at character {exc.start + 1}); "
+                              "pass UTF-8 text") from None
 
 
 def _token_text(value: Any) -> str:

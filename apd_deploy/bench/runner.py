@@ -107,10 +107,7 @@ def load_prompts(runtime, task: str | None, prompts_file: str | None, random_pro
         problems = itertools.islice(TASKS[task].problems("test"), n)
         return [Prompt(runtime.prompt_ids(p.question, chat=chat).tolist(), p.answer) for p in problems]
     if prompts_file is not None:
-        lines = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
-        if not lines:
-            raise GenerationError(f"{prompts_file}: no prompts (one per line)")
-        return [Prompt(runtime.prompt_ids(line).tolist()) for line in lines]
+        return [Prompt(runtime.prompt_ids(line).tolist()) for line in read_prompt_lines(prompts_file)]
     rng = random.Random(seed)
     vocab = runtime.vocab_size
     excluded = runtime.eos_ids | {runtime.mask_id}
@@ -127,6 +124,23 @@ def check_prompt_source(task: str | None, prompts_file: str | None, random_promp
     check_integer("--n", n, 1)
     if random_prompts is not None:
         check_integer("--random-prompts", random_prompts, 1)
+    if prompts_file is not None:
+        read_prompt_lines(prompts_file)
+
+
+def read_prompt_lines(path: str) -> list[str]:
+    """The prompts of a --prompts file: its non-blank lines, stripped; UTF-8 text, at least one."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise GenerationError(f"--prompts {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                              f"{exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise GenerationError(f"--prompts {path}: cannot read it ({exc.strerror})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise GenerationError(f"--prompts {path}: no prompts; give one per line")
+    return lines
 
 
 def check_benchmark(runtime: Runtime, algs: str, sweeps: list[str], prompts: list[Prompt], max_new_tokens: int,
