@@ -242,8 +242,10 @@ def generate_command(bundle: str, prompt: str | None, prompt_ids: list[int] | No
 @click.argument("bundle", type=click.Path())
 @click.option("--backend", required=True, type=click.Choice(BACKENDS), help="The engine's runtime library.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]),
-              help="Where it runs (tensorrt: cuda only)  [default: cpu for onnxruntime, cuda for tensorrt]")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="The engine's precision  [default: the export's dtype]")
+              help="Where it runs (openvino: cpu only; tensorrt: cuda only)  [default: cpu, cuda for tensorrt]")
+@click.option("--precision", type=click.Choice(PRECISIONS),
+              help="The engine's precision (openvino: fp32, or bf16 on a CPU with AMX or AVX512_BF16)  "
+                   "[default: the export's dtype]")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True, help="TensorRT: largest batch.")
 @click.option("--max-seq-len", type=click.IntRange(min=2),
               help="TensorRT: longest prompt + generation  [default: 4096, at most the models' positions]")
@@ -252,19 +254,21 @@ def generate_command(bundle: str, prompt: str | None, prompt_ids: list[int] | No
 @click.option("--max-logit-rows", type=click.IntRange(min=1),
               help="TensorRT: most logit rows per call  [default: M + 1; Dream's diffusion needs one per masked position]")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache to reuse and update.")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="OpenVINO: threads to compile for (a run's --threads still sets its own)  [default: every core]")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the engine's manifest record as JSON.")
 @user_errors
 def build_engine_command(bundle: str, backend: str, device: str | None, precision: str | None, max_batch: int,
                          max_seq_len: int | None, opt_window: int | None, max_logit_rows: int | None,
-                         timing_cache: str | None, quiet: bool, as_json: bool) -> None:
+                         timing_cache: str | None, threads: int | None, quiet: bool, as_json: bool) -> None:
     """Build engines for BUNDLE's graphs and record them in its manifest (atomically)."""
     from apd_deploy.engines.build import build_engine
 
     if device is not None and device not in DEVICES[backend]:
         raise click.UsageError(f"--device {device}: the {backend} backend runs on {' or '.join(DEVICES[backend])}")
     name, record = build_engine(bundle, backend, device, precision, max_batch, max_seq_len, opt_window, timing_cache,
-                                max_logit_rows, report=progress_printer(quiet or as_json))
+                                max_logit_rows, threads, report=progress_printer(quiet or as_json))
     if as_json:
         click.echo(json.dumps({"name": name, **record}, indent=2))
     elif not quiet:
@@ -411,7 +415,7 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
     import itertools
 
     from apd_deploy.bench.plots import plot_serve
-    from apd_deploy.bench.report import write_rows
+    from apd_deploy.bench.report import check_out, write_rows
     from apd_deploy.bench.runner import read_prompt_lines
     from apd_deploy.bench.serving import (RuntimeBaseline, ServerBaseline, format_serve, jobs_from, paired_overhead,
                                           run_level, summarise)
@@ -431,6 +435,7 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
         problems = list(itertools.islice(TASKS[task or "arithmetic"].problems("test"), requests))
         jobs = jobs_from([p.question for p in problems], None, [p.answer for p in problems], max_tokens, model)
         extract = TASKS[task or "arithmetic"].extract_answer
+    check_out(Path(out))
     rows = []
     url = url.rstrip("/")
     bar = click.progressbar(length=requests * len(parse_levels(levels)), label="loading the server", file=sys.stderr)
@@ -496,7 +501,7 @@ def bench_command(bundle: str, algs: str | None, levels: str | None, lanes: int,
     """Benchmark BUNDLE: tokens/s, accuracy, per-step time breakdown, ratio to PyTorch eager; JSON, CSV, PNG.
 
     With --concurrency: total and per-request tokens/s, latency and time to first chunk per level."""
-    from apd_deploy.bench.report import format_table, write_results
+    from apd_deploy.bench.report import check_out, format_table, write_results
     from apd_deploy.bench.runner import benchmark, check_benchmark, check_prompt_source, default_max_new_tokens, load_prompts
     from apd_deploy.runtime import Runtime
     from apd_deploy.runtime.engine import default_threads
@@ -509,6 +514,7 @@ def bench_command(bundle: str, algs: str | None, levels: str | None, lanes: int,
         raise click.UsageError("--concurrency measures one configuration: drop --sweep and --step-profile")
     if lanes > 1 and not levels:
         raise click.UsageError("--lanes applies to --concurrency; add --concurrency LEVELS or drop --lanes")
+    check_out(Path(out))
     threads = threads or default_threads()
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
     prompts = load_prompts(runtime, task, prompts_file, random_prompts, n)

@@ -12,6 +12,8 @@ from typing import Any
 from apd_deploy.bench.concurrency import LevelResult
 from apd_deploy.bench.plots import plot_breakdown, plot_concurrency, plot_pareto, plot_sweeps
 from apd_deploy.bench.runner import ConfigResult
+from apd_deploy.errors import ApdDeployError, BundleError
+from apd_deploy.staging import check_writable
 
 
 def machine() -> dict[str, Any]:
@@ -19,6 +21,15 @@ def machine() -> dict[str, Any]:
 
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
+
+
+def check_out(out: Path) -> None:
+    """Raise ApdDeployError unless results can be written in `out`: checked before the benchmark,
+    so that its results are not lost after it."""
+    try:
+        check_writable(out)
+    except BundleError as exc:
+        raise ApdDeployError(f"--out {exc}") from None
 
 
 def write_rows(out: Path, stem: str, settings: dict[str, Any], rows: list[dict[str, Any]]) -> list[Path]:
