@@ -240,7 +240,7 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path, status = scope["path"], [500]
+        path, status = scope["path"], [None]
 
         async def counted(message) -> None:
             if message["type"] == "http.response.start":
@@ -258,9 +258,13 @@ class Guard:
         except OpenAIError as exc:
             await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)(scope, receive, counted)
         else:
-            await self.app(scope, receive, counted)
+            try:
+                await self.app(scope, receive, counted)
+            except asyncio.CancelledError:  # the client went away and the host cancels the call (Ray Serve does)
+                status[0] = status[0] or 499
+                raise
         finally:
-            self.metrics.requests.labels(path if path in ROUTES else "other", str(status[0])).inc()
+            self.metrics.requests.labels(path if path in ROUTES else "other", str(status[0] or 500)).inc()
 
 
 def _check_key(header: str, api_key: str | None) -> None:
