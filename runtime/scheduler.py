@@ -218,7 +218,10 @@ class Scheduler:
         with self._wake:
             if self._closed:
                 raise SchedulerClosed("the scheduler is closed and takes no more requests")
-            if len(self._queue) >= self.max_queue:
+            # The queue also holds what a lane has not yet moved into a free slot: a burst of up to
+            # free slots + max_queue is admitted.
+            free = sum(lane.max_batch - len(lane.active) for lane in self.lanes)
+            if len(self._queue) >= self.max_queue + free:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests wait for a slot); retry later, or "
                                 "make the scheduler with a larger max_queue")
             handle = RequestHandle(self._next_id, on_event, self._withdraw)
