@@ -15,8 +15,8 @@ from apd_deploy import __version__
 from apd_deploy.bench.concurrency import parse_levels
 from apd_deploy.bench.runner import parse_sweeps
 from apd_deploy.bundle import VERIFY_MODES
-from apd_deploy.cli_options import (CONTEXT, IntList, apd_options, library_checked, library_parsed, sampling_options,
-                                    threads_option)
+from apd_deploy.cli_options import (CONTEXT, THREADS_BOUND, IntList, ThreadCount, apd_options, library_checked,
+                                    library_parsed, local_threads_option, sampling_options, threads_option)
 from apd_deploy.engines.build import BACKENDS, DEVICES, PRECISIONS
 from apd_deploy.errors import ApdDeployError, GenerationError
 from apd_deploy.evaluation import DEFAULT_ALGS, TASKS, parse_algs
@@ -189,7 +189,7 @@ CHUNK_COLOURS = ("cyan", "yellow")
 @click.option("--engine", help="An engine of the bundle (apd-deploy build-engine)  [default: the ONNX graphs on the CPU]")
 @click.option("--array-backend", type=click.Choice(["numpy", "cupy"]),
               help="Where sampling and acceptance run  [default: the engine's: cupy for GPU engines]")
-@threads_option
+@local_threads_option
 @click.option("--verify", type=click.Choice(VERIFY_MODES), default="remembered", show_default=True,
               help="Check the files the engine reads against their sha256. full: hash them; remembered: hash a file "
                    "once per size and modification time, so a change that keeps both goes unnoticed; skip: trust them.")
@@ -290,7 +290,7 @@ def build_engine_command(bundle: str, backend: str, device: str | None, precisio
               help="Tokens per answer at most; several, comma-separated (32,48,64,96), run each algorithm at each "
               "length  [default: the task's]")
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
-@threads_option
+@local_threads_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Problems decoded together (batched engine calls); the same answers at temperature 0.")
 @click.option("--lanes", type=click.IntRange(min=1), default=1, show_default=True,
@@ -404,7 +404,7 @@ def serve_command(bundle: str, engine: str | None, host: str, port: int, max_bat
 @click.option("--engine", help="With --compare-bundle: the engine the server runs.")
 @click.option("--compare-url", help="Also send the prompts one at a time to URL and then to this second server "
               "(e.g. the single-process server beside a Ray Serve one): the overhead of URL over it.")
-@threads_option
+@local_threads_option
 @click.option("--out", type=click.Path(file_okay=False), default="bench-serve-results", show_default=True,
               help="Directory for results.json, results.csv and serve_vs_concurrency.png.")
 @user_errors
@@ -482,8 +482,9 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="Tokens per prompt  [default: the task's, else 256]")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
               help="Runs per configuration (median and range).")
-@click.option("--threads", type=click.IntRange(min=1),
-              help="Threads for onnxruntime (per model) and for PyTorch  [default: every core this process may run on]")
+@click.option("--threads", type=ThreadCount(),
+              help=f"Threads for onnxruntime (per model) and for PyTorch, {THREADS_BOUND}  "
+                   "[default: every core this process may run on]")
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
 @click.option("--eager/--no-eager", default=True, show_default=True,
               help="Also run the APD configurations on the PyTorch-eager loop (needs torch).")

@@ -11,6 +11,7 @@ import click
 
 from apd_deploy.errors import GenerationError
 from apd_deploy.runtime.params import SEED_LIMIT
+from apd_deploy.runtime.threads import THREADS_PER_CORE, too_many_threads
 
 # -h as well as --help, on the group and on every command.
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -109,6 +110,33 @@ def sampling_options(command: Any) -> Any:
     return command
 
 
+class ThreadCount(click.IntRange):
+    """Threads for this machine: at least 1, at most THREADS_PER_CORE x the cores this process may
+    run on (see apd_deploy.runtime.threads)."""
+
+    def __init__(self) -> None:
+        super().__init__(min=1)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        reason = too_many_threads(number)
+        if reason is not None:
+            self.fail(f"{reason}.", param, ctx)
+        return number
+
+
+THREADS_BOUND = f"at most {THREADS_PER_CORE}x the cores"
+
+
+def local_threads_option(command: Any) -> Any:
+    """--threads of a command that runs the models in this process."""
+    return click.option("--threads", type=ThreadCount(),
+                        help=f"onnxruntime threads per model, {THREADS_BOUND}  "
+                             "[default: every core this process may run on]")(command)
+
+
 def threads_option(command: Any) -> Any:
+    """serve's --threads: with --ray the replicas run on other machines, which check it against
+    their own cores (Runtime.load) and the Ray cluster's CPUs."""
     return click.option("--threads", type=click.IntRange(min=1),
                         help="onnxruntime threads per model  [default: every core this process may run on]")(command)

@@ -74,7 +74,10 @@ class Runtime:
           GPU levers, or to check the padding on the CPU.
         """
         if threads is not None:
+            from apd_deploy.runtime.threads import check_thread_limit
+
             check_integer("threads", threads, 1)
+            check_thread_limit("threads", threads)
         if verify not in VERIFY_MODES:
             raise GenerationError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
         bundle = Path(bundle)
