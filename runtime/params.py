@@ -62,6 +62,8 @@ class GenerationParams:
     steps: int | None = None  # diffusion; default: max_new_tokens (one token per step)
     diffusion_order: str = "confidence"
     sampling: SamplingParams = SamplingParams()
+    ignore_eos: bool = False  # decode past EOS up to max_new_tokens (benchmarks of a fixed length)
+    min_tokens: int = 0  # an EOS among the first min_tokens tokens does not end the generation
 
     def check(self) -> None:
         """Raise GenerationError naming the first bad parameter (as its CLI flag) and its range."""
@@ -82,6 +84,12 @@ class GenerationParams:
                     f"--steps {self.steps} is more than the {self.max_new_tokens} new tokens to decide "
                     f"(--max-new-tokens); use --steps {self.max_new_tokens} or less"
                 )
+        if not isinstance(self.ignore_eos, bool):
+            raise GenerationError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        check_integer("min_tokens", self.min_tokens, 0)
+        if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
+            raise GenerationError(f"min_tokens {self.min_tokens} is more than the {self.max_new_tokens} new tokens "
+                                  f"asked for; use min_tokens {self.max_new_tokens} or less")
         if self.diffusion_order not in ORDERS:
             raise GenerationError(f"--diffusion-order must be one of {', '.join(ORDERS)}, got {self.diffusion_order!r}")
         s = self.sampling

@@ -60,8 +60,10 @@ class Progress:
     """One request's generation so far: tokens up to the first EOS, and what each step decided."""
 
     def __init__(self, canvas: Canvas, eos_ids: frozenset[int], tokenizer: BundleTokenizer | None,
-                 chunk_text: bool, arrived: float | None = None) -> None:
-        self.canvas, self.eos_ids, self.tokenizer = canvas, eos_ids, tokenizer
+                 chunk_text: bool, arrived: float | None = None, ignore_eos: bool = False, min_tokens: int = 0) -> None:
+        self.canvas, self.tokenizer = canvas, tokenizer
+        self.eos_ids = frozenset() if ignore_eos else eos_ids
+        self.min_tokens = min_tokens
         self.arrived = time.perf_counter() if arrived is None else arrived
         self.generated: list[int] = []
         self.decided: list[np.ndarray] = []  # the canvas positions each step decided
@@ -73,7 +75,8 @@ class Progress:
         start = self.canvas.prompt_len + len(self.generated)
         self.decided.append(step.positions if step.positions is not None else np.arange(start, start + step.committed))
         tokens = step.tokens.tolist()
-        eos_at = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        eos_at = next((i for i, t in enumerate(tokens)
+                       if t in self.eos_ids and len(self.generated) + i >= self.min_tokens), None)
         if eos_at is not None:
             tokens = tokens[: eos_at + 1]
             self.stopped = True

@@ -228,7 +228,7 @@ class Runtime:
         ids, p = self.request(prompt, chat, params)
         canvas, decoder = self.start(ids, p, lambda role, capacity: self.engines[role].new_cache(capacity))
         generation = Generation(iter(()))
-        generation._chunks = self._run(decoder, canvas, generation, chunk_text)
+        generation._chunks = self._run(decoder, canvas, generation, chunk_text, p)
         return generation
 
     def _decoder(self, canvas: Canvas, p: GenerationParams) -> Decoder:
@@ -240,9 +240,11 @@ class Runtime:
             return diffusion(canvas, p.steps or p.max_new_tokens, p.diffusion_order)
         return autoregressive(canvas)
 
-    def _run(self, decoder: Decoder, canvas: Canvas, generation: Generation, chunk_text: bool) -> Iterator[Chunk]:
+    def _run(self, decoder: Decoder, canvas: Canvas, generation: Generation, chunk_text: bool,
+             p: GenerationParams) -> Iterator[Chunk]:
         """Decode alone: each engine call the decoder asks for is made at once, batch 1."""
-        progress = Progress(canvas, self.eos_ids, self.tokenizer, chunk_text)
+        progress = Progress(canvas, self.eos_ids, self.tokenizer, chunk_text, ignore_eos=p.ignore_eos,
+                            min_tokens=p.min_tokens)
         reply = None
         while not progress.stopped:
             try:

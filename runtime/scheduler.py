@@ -130,7 +130,8 @@ class Active:
     def start(self, runtime: Runtime, new_cache: Callable[[str, int], KVCache] | None) -> None:
         """Make the request's canvas, decoder and progress (the decoder runs nothing yet)."""
         self.canvas, self.decoder = runtime.start(self.ids, self.params, new_cache)
-        self.progress = Progress(self.canvas, runtime.eos_ids, runtime.tokenizer, self.chunk_text, self.arrived)
+        self.progress = Progress(self.canvas, runtime.eos_ids, runtime.tokenizer, self.chunk_text, self.arrived,
+                                 self.params.ignore_eos, self.params.min_tokens)
 
 
 class Scheduler:
