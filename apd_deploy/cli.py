@@ -414,11 +414,11 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
     """Load a running server (apd-deploy serve, or any OpenAI-compatible one) at URL; JSON, CSV, PNG."""
     import itertools
 
-    from apd_deploy.bench.plots import plot_serve
+    from apd_deploy.bench.plots import plot_serve, subtitle
     from apd_deploy.bench.report import check_out, write_rows
     from apd_deploy.bench.runner import read_prompt_lines
-    from apd_deploy.bench.serving import (RuntimeBaseline, ServerBaseline, format_serve, jobs_from, paired_overhead,
-                                          run_level, summarise)
+    from apd_deploy.bench.serving import (RuntimeBaseline, ServerBaseline, check_answered, check_reachable, format_serve,
+                                          jobs_from, paired_overhead, run_level, summarise)
 
     if task and prompts_file:
         raise click.UsageError("give --task or --prompts, not both")
@@ -436,12 +436,14 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
         jobs = jobs_from([p.question for p in problems], None, [p.answer for p in problems], max_tokens, model)
         extract = TASKS[task or "arithmetic"].extract_answer
     check_out(Path(out))
-    rows = []
     url = url.rstrip("/")
+    check_reachable(url)
+    rows = []
     bar = click.progressbar(length=requests * len(parse_levels(levels)), label="loading the server", file=sys.stderr)
     with bar:
         for level in parse_levels(levels):
             samples, seconds = run_level(url, jobs, level, requests, stream, api_key, progress=lambda: bar.update(1))
+            check_answered(level, samples)
             rows.append(summarise(level, samples, seconds, jobs, extract))
     base = next((r for r in rows if r.concurrency == 1), None)
     for row in rows:
@@ -457,7 +459,7 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
         click.echo(f"one at a time, {b['pairs']} pairs: server p50 {b['server_p50_ms']:.1f} ms, {b['baseline']} p50 "
                    f"{b['baseline_p50_ms']:.1f} ms; overhead (median of the pairs) {b['overhead_ms']:.1f} ms, "
                    f"{b['overhead_share']:.1%} of a request{'' if b['same_answers'] else '; the answers differ'}")
-    written = [*write_rows(Path(out), "results", settings, [r.row() for r in rows]), plot_serve(rows, Path(out))]
+    written = [*write_rows(Path(out), "results", settings, [r.row() for r in rows]), plot_serve(rows, Path(out), subtitle(settings))]
     click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from apd_deploy.bench.concurrency import LevelResult
-from apd_deploy.bench.plots import plot_breakdown, plot_concurrency, plot_pareto, plot_sweeps
+from apd_deploy.bench.plots import plot_breakdown, plot_concurrency, plot_pareto, plot_sweeps, subtitle
 from apd_deploy.bench.runner import ConfigResult
 from apd_deploy.errors import ApdDeployError, BundleError
 from apd_deploy.staging import check_writable
@@ -45,14 +45,14 @@ def write_rows(out: Path, stem: str, settings: dict[str, Any], rows: list[dict[s
 
 def write_results(out: Path, settings: dict[str, Any], results: list[ConfigResult]) -> list[Path]:
     written = write_rows(out, "results", settings, [r.row() for r in results])
-    plots = [plot_breakdown(results, out), *plot_sweeps(results, out)]
-    pareto = plot_pareto(results, out)
+    plots = [plot_breakdown(results, out, subtitle(settings)), *plot_sweeps(results, out, subtitle(settings))]
+    pareto = plot_pareto(results, out, subtitle(settings))
     return [*written, *plots, *([pareto] if pareto else [])]
 
 
 def write_levels(out: Path, settings: dict[str, Any], rows: list[LevelResult]) -> list[Path]:
     """results.json / results.csv of a concurrency benchmark, and its throughput plot."""
-    return [*write_rows(out, "results", settings, [r.row() for r in rows]), plot_concurrency(rows, out)]
+    return [*write_rows(out, "results", settings, [r.row() for r in rows]), plot_concurrency(rows, out, subtitle(settings))]
 
 
 def format_table(results: list[ConfigResult]) -> str:

@@ -30,6 +30,12 @@ from typing import Any
 import httpx
 
 from apd_deploy.bench.concurrency import closed_loop, percentile
+from apd_deploy.errors import ApdDeployError
+
+# What to check when every request of a level failed, by status.
+FAILURE_HINTS = {"401": "check --api-key", "403": "check --api-key",
+                 "404": "check the URL (the server's base, without /v1) and --model",
+                 "transport": "check that the server is still running"}
 
 
 @dataclass
@@ -39,6 +45,7 @@ class Sample:
     tokens: int
     status: int
     answer: str = ""
+    error: str = ""  # what the server or the connection said, when status is not 200
 
 
 @dataclass
@@ -88,7 +95,7 @@ def one_request(client: httpx.Client, job: Job, stream: bool) -> Sample:
             response = client.post(job.path, json=body)
             latency = time.perf_counter() - started
             if response.status_code != 200:
-                return Sample(latency, None, 0, response.status_code)
+                return Sample(latency, None, 0, response.status_code, error=response.text[:200])
             data = response.json()
             choice = data["choices"][0]
             text = choice["message"]["content"] if "message" in choice else choice["text"]
@@ -97,7 +104,7 @@ def one_request(client: httpx.Client, job: Job, stream: bool) -> Sample:
         with client.stream("POST", job.path, json=body) as response:
             if response.status_code != 200:
                 response.read()
-                return Sample(time.perf_counter() - started, None, 0, response.status_code)
+                return Sample(time.perf_counter() - started, None, 0, response.status_code, error=response.text[:200])
             for line in response.iter_lines():
                 if not line.startswith("data: {"):
                     continue
@@ -110,8 +117,31 @@ def one_request(client: httpx.Client, job: Job, stream: bool) -> Sample:
                         first = first if first is not None else time.perf_counter() - started
                         pieces.append(piece)
         return Sample(time.perf_counter() - started, first, tokens, 200, "".join(pieces))
-    except httpx.TransportError:
-        return Sample(time.perf_counter() - started, None, 0, -1)
+    except httpx.TransportError as exc:
+        return Sample(time.perf_counter() - started, None, 0, -1, error=str(exc))
+
+
+def check_reachable(url: str) -> None:
+    """Raise ApdDeployError unless a server answers at `url`, whatever its status: before a run
+    that would otherwise measure only failed connections."""
+    try:
+        httpx.get(f"{url}/v1/models", timeout=30)
+    except httpx.TransportError as exc:
+        raise ApdDeployError(f"cannot reach {url} ({exc}); start the server (apd-deploy serve BUNDLE) or check "
+                             "the URL") from None
+
+
+def check_answered(concurrency: int, samples: list[Sample]) -> None:
+    """Raise ApdDeployError if no request of a level got an answer."""
+    if any(s.status == 200 for s in samples):
+        return
+    errors = Counter("transport" if s.status == -1 else str(s.status) for s in samples)
+    first = samples[0]
+    status = "transport" if first.status == -1 else str(first.status)
+    raise ApdDeployError(
+        f"every one of the {len(samples)} requests at concurrency {concurrency} failed "
+        f"({', '.join(f'{k}: {v}' for k, v in errors.items())}); the first: {status} {first.error.strip()!r}; "
+        f"{FAILURE_HINTS.get(status, 'see the server log')}")
 
 
 def run_level(url: str, jobs: list[Job], clients: int, requests: int, stream: bool, api_key: str | None,
