@@ -146,6 +146,14 @@ def _commit(staging: Path, target: Path) -> None:
             shutil.rmtree(retired.parent, ignore_errors=True)
 
 
+def _follow_umask(staging: Path, umask: int) -> None:
+    """Give what was written the modes of ordinary output: some writers make private files
+    (safetensors' save_file 0600, mkstemp), which a server running as another user cannot read."""
+    for path in staging.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def staged_directory(target: str | Path, overwrite: bool, recognise: Recognise) -> Iterator[Path]:
     """Yield an empty staging directory that replaces `target` if the block completes.
@@ -164,6 +172,7 @@ def staged_directory(target: str | Path, overwrite: bool, recognise: Recognise) 
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
     try:
         yield staging
+        _follow_umask(staging, umask)
         check_destination(target, overwrite, recognise)
         _commit(staging, target)
     finally:

@@ -357,3 +357,26 @@ def test_chunked_checkpoint_reader_matches_safetensors(tmp_path, monkeypatch):
         expected = load_file(str(tmp_path / "x.safetensors"))
         assert read.keys() == expected.keys()
         assert all(torch.equal(read[k], expected[k].to(dtype)) and read[k].dtype == dtype for k in read)
+
+
+# Issue #27, item 19: what make-tiny and export write follows the umask (safetensors' save_file
+# made the weights 0600, unreadable to a server running as another user).
+
+def _modes(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode, export", [(0o022, 0o644, 0o755, True),
+                                                               (0o027, 0o640, 0o750, False)])
+def test_written_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode, export):
+    script = f"umask {umask:03o} && {CLI} make-tiny pair"
+    if export:  # one export is enough: it takes half a minute
+        script += f" && {CLI} export --dllm pair/dllm --verifier pair/verifier -o bundle --quiet"
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for root in (tmp_path / "pair", *([tmp_path / "bundle"] if export else [])):
+        modes = _modes(root)
+        assert "dllm/model.safetensors" in modes or "dllm.onnx" in modes
+        wrong = {name: oct(mode) for name, mode in modes.items()
+                 if mode != (dir_mode if (root / name).is_dir() else file_mode)}
+        assert wrong == {}, root
