@@ -4,6 +4,7 @@ missing and how to install it; both `engines` (build) and `runtime` (run) use th
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 from apd_deploy.errors import BackendUnavailable
@@ -50,3 +51,50 @@ def compute_capability(device: int = 0) -> str:
     cupy = require_cupy()
     cc = cupy.cuda.Device(device).compute_capability  # e.g. '90'
     return f"{cc[:-1]}.{cc[-1]}"
+
+
+OPENVINO_EXTRA = "pip install 'apd-deploy[openvino]'"
+# The instruction sets an OpenVINO CPU blob may be compiled for: a blob from a CPU with one of these
+# may use it, so a CPU lacking it must compile the graph again.
+CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def require_openvino() -> ModuleType:
+    try:
+        import openvino
+    except ImportError:
+        raise BackendUnavailable(f"OpenVINO is not installed; it runs the graphs on Intel and AMD CPUs: {OPENVINO_EXTRA}") from None
+    return openvino
+
+
+def cpu_isa() -> list[str]:
+    """The instruction sets of CPU_ISA_FLAGS this machine's CPU has (from /proc/cpuinfo; none elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in CPU_ISA_FLAGS if flag in flags]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
+def native_bf16(isa: list[str]) -> bool:
+    """Whether a CPU with these instruction sets computes in bf16 natively (AMX or AVX512_BF16)."""
+    return any(flag in isa for flag in NATIVE_BF16_FLAGS)
+
+
+def default_threads() -> int:
+    """Every core this process may run on (its affinity mask where the OS has one, as taskset and
+    container CPU sets narrow it), as onnxruntime and PyTorch choose by default. The two models
+    run one after the other, so each session gets all of them; on a shared machine pass fewer."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1

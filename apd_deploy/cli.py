@@ -317,6 +317,11 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, lengths:
         click.echo(format_table(results))
 
 
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated list of names (--allowed-hosts, --allowed-origins)."""
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
 @cli.command("serve", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
@@ -339,6 +344,22 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, lengths:
               help="Largest request body; larger ones get 413.")
 @click.option("--grace-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM, how long requests in flight may take to finish.")
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds a client has to send a request's line and headers; slower connections are closed.")
+@click.option("--max-header-bytes", type=click.IntRange(min=1024), default=16384, show_default=True,
+              help="Largest request line and headers; larger ones get 400.")
+@click.option("--keep-alive-seconds", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="An idle connection between requests is closed after this.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Open connections and requests in flight; beyond it requests get 503.")
+@click.option("--allowed-hosts", callback=lambda _, __, v: _names(v), default="",
+              help="Comma-separated Host names answered besides the bound address and localhost ('*': any)  "
+              "[default with --host 0.0.0.0: any]")
+@click.option("--allowed-origins", callback=lambda _, __, v: _names(v), default="",
+              help="Comma-separated browser origins (https://app.example) allowed to call the API, with CORS; "
+              "requests from other origins get 403  [default: none]")
+@click.option("--metrics-key-required", is_flag=True, help="/metrics asks for --api-key too (Prometheus: "
+              "authorization credentials).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Run the server as Ray Serve replicas behind one endpoint (pip install 'apd-deploy[ray]'); "
               "each replica reserves --threads CPUs  [default with --ray: 1 thread].")
@@ -355,22 +376,35 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, lengths:
 @user_errors
 def serve_command(bundle: str, engine: str | None, host: str, port: int, max_batch: int, max_queue: int, lanes: int,
                   threads: int | None, api_key: str | None, served_model_name: str | None, max_tokens: int | None,
-                  max_body_bytes: int, grace_seconds: float, use_ray: bool, replicas: int | None,
+                  max_body_bytes: int, grace_seconds: float, header_timeout: float, max_header_bytes: int,
+                  keep_alive_seconds: float, max_connections: int, allowed_hosts: tuple[str, ...],
+                  allowed_origins: tuple[str, ...], metrics_key_required: bool, use_ray: bool, replicas: int | None,
                   autoscale: tuple[int, int] | None, ray_address: str | None, ray_proxy_every_node: bool) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     if lanes > max_batch:
         raise click.UsageError(f"--lanes {lanes} is more than --max-batch {max_batch}: each lane needs a slot")
+    if metrics_key_required and api_key is None:
+        raise click.UsageError("--metrics-key-required needs --api-key (or APD_API_KEY)")
+    source = click.get_current_context().get_parameter_source
+    if use_ray:
+        given = [f"--{name.replace('_', '-')}" for name in ("header_timeout", "max_header_bytes", "keep_alive_seconds",
+                                                             "max_connections", "allowed_hosts", "allowed_origins",
+                                                             "metrics_key_required")
+                 if source(name) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{given[0]} is for the single-process server: drop it or --ray")
     if not use_ray:
         # Typed on the command line, that is: RAY_ADDRESS in the environment is no mistake.
-        source = click.get_current_context().get_parameter_source
         given = [f"--{name.replace('_', '-')}" for name in ("replicas", "autoscale", "ray_address", "ray_proxy_every_node")
                  if source(name) is click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"{given[0]} is for Ray Serve: add --ray")
-        from apd_deploy.server.serve import serve
+        from apd_deploy.server.serve import ConnectionLimits, serve
 
         serve(bundle, engine, host, port, max_batch, max_queue, lanes, threads, api_key, served_model_name,
-              max_tokens, max_body_bytes, grace_seconds)
+              max_tokens, max_body_bytes, grace_seconds,
+              ConnectionLimits(header_timeout, max_header_bytes, keep_alive_seconds, max_connections),
+              allowed_hosts, allowed_origins, metrics_key_required)
         return
     if replicas is not None and autoscale is not None:
         raise click.UsageError("give --replicas or --autoscale, not both")

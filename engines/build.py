@@ -14,14 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from apd_deploy.bundle import file_records, read_manifest, store_manifest
+from apd_deploy.accelerators import default_threads
+from apd_deploy.bundle import file_records, read_manifest, store_manifest, verify_files
 from apd_deploy.engines.onnxruntime_build import build_onnxruntime
+from apd_deploy.engines.openvino_build import build_openvino
 from apd_deploy.engines.profiles import derive_profiles
 from apd_deploy.engines.tensorrt_build import build_tensorrt
 from apd_deploy.errors import ApdDeployError
 
-BACKENDS = ("onnxruntime", "tensorrt")
-DEVICES = {"onnxruntime": ("cpu", "cuda"), "tensorrt": ("cuda",)}
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+DEVICES = {"onnxruntime": ("cpu", "cuda"), "openvino": ("cpu",), "tensorrt": ("cuda",)}
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_MAX_SEQ_LEN = 4096
 
@@ -40,11 +42,16 @@ def build_engine(
     opt_window: int | None = None,
     timing_cache: str | Path | None = None,
     max_logit_rows: int | None = None,
+    threads: int | None = None,
     report: Callable[[str], None] = lambda _: None,
 ) -> tuple[str, dict[str, Any]]:
-    """Build an engine pair into `bundle`; returns its name and manifest record."""
+    """Build an engine pair into `bundle`; returns its name and manifest record. `threads`: the
+    threads an OpenVINO engine is compiled for (default: every core; the runtime's own count wins)."""
     bundle = Path(bundle)
-    manifest = read_manifest(bundle, verify="full")
+    manifest = read_manifest(bundle, verify="skip")
+    # Only the graphs the engine is built from must be sound: a damaged engine (this one or
+    # another) is what a rebuild replaces.
+    verify_files(bundle, manifest, "full", only=_sources(bundle, manifest))
     if backend not in BACKENDS:
         raise ApdDeployError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = device or DEVICES[backend][0]
@@ -58,7 +65,7 @@ def build_engine(
     # sized for that would serve no ordinary request better. --max-seq-len raises it.
     max_seq_len = max_seq_len or min(DEFAULT_MAX_SEQ_LEN, model_positions)
     for flag, value, low in (("--max-batch", max_batch, 1), ("--max-seq-len", max_seq_len, 2), ("--opt-window", opt_window, 1),
-                             ("--max-logit-rows", max_logit_rows, 1)):
+                             ("--max-logit-rows", max_logit_rows, 1), ("--threads", threads, 1)):
         if value is not None and value < low:
             raise ApdDeployError(f"{flag} must be at least {low}, got {value}")
     if max_seq_len > model_positions:
@@ -74,6 +81,8 @@ def build_engine(
         report(f"building {name} ...")
         if backend == "onnxruntime":
             record = build_onnxruntime(bundle, manifest, device, precision, staging)
+        elif backend == "openvino":
+            record = build_openvino(bundle, manifest, precision, threads or default_threads(), staging)
         else:
             defaults = manifest["apd_defaults"]
             profiles = {role: derive_profiles(role, max_seq_len, defaults["kv_window"], defaults["max_lookahead"],
@@ -107,6 +116,12 @@ def build_engine(
     _cleanup(retired, None)
     report(f"built {name} in {bundle / 'engines' / name}")
     return name, record
+
+
+def _sources(bundle: Path, manifest: dict[str, Any]) -> list[str]:
+    """The exported graphs (and their external weights) every engine is built from."""
+    graphs = [manifest["models"][role]["graph"] for role in ("dllm", "verifier")]
+    return graphs + [f"{graph}.data" for graph in graphs if (bundle / f"{graph}.data").exists()]
 
 
 def _cleanup(retired: Path | None, created_dir: Path | None) -> None:

@@ -9,7 +9,6 @@ CPU (here), cupy for onnxruntime's CUDA provider (`cuda_engine.py`) and for Tens
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from apd_deploy.accelerators import default_threads
 from apd_deploy.bundle import kv_dims
 from apd_deploy.errors import BundleError
 from apd_deploy.runtime.arrays import to_host
@@ -29,15 +29,6 @@ GRAPH_INPUTS = ("input_ids", "position_ids", "attention_mask", "past_kv", "logit
 # APD alternates between two sessions. A session's worker threads spin for a while after each
 # call by default, and then burn the cores the other session is about to use.
 SPIN_BETWEEN_CALLS = False
-
-
-def default_threads() -> int:
-    """Every core this process may run on (its affinity mask where the OS has one, as taskset and
-    container CPU sets narrow it), as onnxruntime and PyTorch choose by default. The two models
-    run one after the other, so each session gets all of them; on a shared machine pass fewer."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

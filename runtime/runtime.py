@@ -26,6 +26,7 @@ from apd_deploy.runtime.arrays import array_module, synchronize
 from apd_deploy.runtime.engine import DecoderEngine, DecoderSpec, OrtCpuDecoder, default_threads
 from apd_deploy.runtime.kv_cache import KVCache
 from apd_deploy.runtime.leftright import leftright
+from apd_deploy.runtime.openvino_engine import OpenVinoDecoder, open_openvino
 from apd_deploy.runtime.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, check_integer
 from apd_deploy.runtime.results import Chunk, Generation, GenerationResult, Progress
 from apd_deploy.runtime.sampling import Sampler, SamplingParams
@@ -50,7 +51,7 @@ class Runtime:
         # Wait for every engine call to finish, so that GPU time is split per model (benchmarks).
         self.time_engine_calls = False
         self.threads: int | None = None  # onnxruntime threads per model (set by `load`)
-        self._open_engines: Callable[[int], dict[str, DecoderEngine]] | None = None
+        self._open_engines: Callable[[int, int], list[dict[str, DecoderEngine]]] | None = None
         self._lane_engines: dict[int, list[dict[str, DecoderEngine]]] = {}
         self.engine_max_batch: tuple[str, int] | None = None  # (engine, largest batch it was built for)
 
@@ -89,7 +90,7 @@ class Runtime:
         verify_files(bundle, manifest, verify, only=_files_read(bundle, manifest, record))
         open_engines = partial(_open_engines, bundle, manifest, engine, record, specs, array_backend, engine_options or {})
         threads = threads or default_threads()
-        engines = open_engines(threads)
+        (engines,) = open_engines(threads)
         runtime = cls(bundle, manifest, engines["dllm"], engines["verifier"], BundleTokenizer.from_bundle(bundle, manifest),
                       record.get("max_seq_len") if record else None)
         runtime.threads, runtime._open_engines = threads, open_engines
@@ -196,11 +197,11 @@ class Runtime:
         new sessions of threads / lanes threads each (CPU engines only)."""
         if lanes == 1:
             return [self.engines]
-        if self.xp is not np or not isinstance(self.dllm, OrtCpuDecoder) or self._open_engines is None:
+        if self.xp is not np or not isinstance(self.dllm, (OrtCpuDecoder, OpenVinoDecoder)) or self._open_engines is None:
             raise GenerationError("lanes > 1 is for CPU engines loaded with Runtime.load; a GPU engine batches "
                                   "in one lane (use lanes=1)")
         if lanes not in self._lane_engines:  # opened once per runtime: a session costs a load of the weights
-            self._lane_engines[lanes] = [self._open_engines(max(1, self.threads // lanes)) for _ in range(lanes)]
+            self._lane_engines[lanes] = self._open_engines(self.threads, lanes)
         return self._lane_engines[lanes]
 
     def generate_many(self, prompts: Sequence[str | Sequence[int]], chat: bool = False, max_batch: int = 8,
@@ -291,9 +292,18 @@ def _files_read(bundle: Path, manifest: dict[str, Any], record: dict[str, Any] |
 
 def _open_engines(bundle: Path, manifest: dict[str, Any], name: str | None, record: dict[str, Any] | None,
                   specs: dict[str, DecoderSpec], array_backend: str | None, engine_options: dict[str, Any],
-                  threads: int) -> dict[str, DecoderEngine]:
-    return {role: _open_engine(bundle, manifest, name, record, role, spec, threads, array_backend, engine_options)
-            for role, spec in specs.items()}
+                  threads: int, lanes: int = 1) -> list[dict[str, DecoderEngine]]:
+    """The engines of `lanes` scheduling loops, `threads` threads in all: onnxruntime opens sessions
+    of threads / lanes threads each; OpenVINO compiles each graph once with a stream per lane."""
+    if record is not None and record["backend"] == "openvino":
+        if array_backend not in (None, "numpy"):
+            raise GenerationError(f"engine '{name}' runs on the CPU and samples with numpy; drop --array-backend {array_backend}")
+        if engine_options:
+            raise GenerationError(f"engine '{name}' takes no engine options (got {', '.join(engine_options)})")
+        return open_openvino(bundle, name, record, specs, threads, lanes)
+    per_lane = max(1, threads // lanes)
+    return [{role: _open_engine(bundle, manifest, name, record, role, spec, per_lane, array_backend, engine_options)
+             for role, spec in specs.items()} for _ in range(lanes)]
 
 
 def _open_engine(bundle: Path, manifest: dict[str, Any], name: str | None, record: dict[str, Any] | None, role: str,
