@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import time
 import uuid
@@ -20,17 +21,24 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from apd_deploy.errors import GenerationError
 from apd_deploy.runtime import QueueFull, Runtime, Scheduler, SchedulerClosed
 from apd_deploy.runtime.params import GenerationParams
 from apd_deploy.server.metrics import Metrics
-from apd_deploy.server.protocol import APD_FIELDS, OpenAIError, ParsedRequest, parse_chat, parse_completion
+from apd_deploy.server.protocol import APD_FIELDS, OpenAIError, ParsedRequest, bad, parse_chat, parse_completion
 from apd_deploy.server.stops import StopText
 
 # How often a non-streamed request checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+JSON_ROUTES = {"/v1/completions", "/v1/chat/completions"}
 
 
 @dataclass(frozen=True)
@@ -40,14 +48,60 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 4096
     retry_after_seconds: int = 1
+    allowed_hosts: frozenset[str] | None = None  # Host header names taken (without port); None: any
+    allowed_origins: tuple[str, ...] = ()  # browser origins taken ('*': any); requests from others get 403
+    metrics_key_required: bool = False  # /metrics asks for the API key too
+    max_prompt_chars: int | None = None  # longer prompts are refused before the tokenizer reads them
 
     @classmethod
     def for_runtime(cls, runtime: Runtime, model_name: str | None, api_key: str | None, max_body_bytes: int,
-                    max_tokens: int | None) -> ServerConfig:
+                    max_tokens: int | None, *, host: str | None = None, allowed_hosts: tuple[str, ...] = (),
+                    allowed_origins: tuple[str, ...] = (), metrics_key_required: bool = False) -> ServerConfig:
         """The settings of `apd-deploy serve`: the model named after the bundle's folder unless
-        given, max_tokens capped at what the models' positions hold."""
+        given, max_tokens capped at what the models' positions hold, the Host names of the bound
+        address (`host`; any for a wildcard address) and `allowed_hosts`."""
         limit = min(max_tokens or runtime.max_positions - 1, runtime.max_positions - 1)
-        return cls(model_name or runtime.bundle.resolve().name, api_key, max_body_bytes, limit)
+        return cls(model_name or runtime.bundle.resolve().name, api_key, max_body_bytes, limit,
+                   allowed_hosts=host_names(host, allowed_hosts), allowed_origins=tuple(allowed_origins),
+                   metrics_key_required=metrics_key_required, max_prompt_chars=_max_prompt_chars(runtime))
+
+
+def host_names(host: str | None, allowed: tuple[str, ...]) -> frozenset[str] | None:
+    """The Host header names a server bound to `host` answers (a browser sent to another name by
+    DNS rebinding is refused); None (any) for '*' or a wildcard address without --allowed-hosts."""
+    if "*" in allowed or (host is None or is_wildcard(host)) and not allowed:
+        return None
+    return frozenset({*(a.lower().strip("[]") for a in allowed), *LOOPBACK_NAMES,
+                      *([] if host is None or is_wildcard(host) else [host.lower().strip("[]")])})
+
+
+def is_wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::", "[::]")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def _max_prompt_chars(runtime: Runtime) -> int | None:
+    """The most characters a prompt that fits the models' positions can have: positions times the
+    longest token's text (a token's text covers at least as many characters as it holds). The
+    tokenizer holds the GIL while it reads: a longer prompt is refused before it is read."""
+    if runtime.tokenizer is None:
+        return None
+    vocab = runtime.tokenizer.tokenizer.get_vocab(with_added_tokens=True)
+    return runtime.max_positions * max(map(len, vocab), default=1)
+
+
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message that quotes a lone surrogate of the request
+    still encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
 
 
 @dataclass
@@ -70,16 +124,37 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
     metrics = app.state.metrics = Metrics(lambda: scheduler.queued, lambda: scheduler.active)
     scheduler.on_iteration = metrics.iteration
     app.state.draining = False
+    app.state.aborted = False  # past the grace period of a shutdown: what was cancelled gets 503
+
+    def abort() -> None:
+        """End every request now (queued or decoding): each is answered 503, or its stream an error event."""
+        app.state.aborted = True
+        scheduler.close(cancel=True, timeout=0)
+
+    app.state.abort = abort
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return ErrorResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-        return JSONResponse(OpenAIError(exc.status_code, message, code="not_found").body(), status_code=exc.status_code)
+        if exc.status_code == 405:
+            error = OpenAIError(405, f"{request.method} is not allowed on {request.url.path}; use "
+                                f"{(exc.headers or {}).get('Allow', 'another method')}", code="method_not_allowed")
+        elif exc.status_code == 404:
+            error = OpenAIError(404, f"no route {request.method} {request.url.path}", code="not_found")
+        else:
+            error = OpenAIError(exc.status_code, str(exc.detail))
+        return ErrorResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_: Request, __: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nobody reads it: /metrics counts it as the client's
+
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(Guard, config=config, metrics=metrics)
 
     @app.get("/health")
@@ -116,14 +191,19 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
     async def chat_completions(request: Request):
         return await _answer(request, "chat")
 
-    async def _answer(request: Request, kind: str):
-        body = await _read_json(request, config.max_body_bytes)
+    def _read(body: bytes, kind: str):
+        """The body checked and tokenized: run on a worker thread, so that a big or deep body does not
+        hold up the event loop (/health, the streams of other requests)."""
         parse = parse_chat if kind == "chat" else parse_completion
-        parsed = parse(body, config.max_tokens_limit)
+        parsed = parse(_json(body), config.max_tokens_limit)
         if parsed.model is not None and parsed.model != config.model_name:
             raise OpenAIError(404, f"model '{parsed.model}' does not exist; this server serves '{config.model_name}'",
                               param="model", code="model_not_found")
-        ids, params = _prepare(runtime, parsed)
+        return parsed, *_prepare(runtime, parsed, config.max_prompt_chars)
+
+    async def _answer(request: Request, kind: str):
+        body = await _read_body(request, config.max_body_bytes)
+        parsed, ids, params = await run_in_threadpool(_read, body, kind)
         turn = Turn(parsed, params, len(ids), kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                     int(time.time()))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -132,7 +212,10 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
 
         def on_event(event) -> None:
             if chunked or event is None:
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, event)
+                except RuntimeError:  # the loop is closed: the server stopped past its grace period
+                    pass
 
         try:
             handle = scheduler.submit_prepared(ids, params, chunk_text=chunked, on_event=on_event)
@@ -146,6 +229,15 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
             return StreamingResponse(_stream(turn, handle, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return JSONResponse(await _whole(request, turn, handle, events))
+
+    def _finished(handle):
+        """The request's result; a 503 for one that the end of a shutdown's grace period cancelled."""
+        result = _result_or_error(handle)
+        if result.finish_reason == "cancelled" and app.state.aborted:
+            raise OpenAIError(503, "the server shut down before this request finished; retry on another "
+                              "server or later", code="shutting_down",
+                              headers={"Retry-After": str(config.retry_after_seconds)})
+        return result
 
     async def _whole(request: Request, turn: Turn, handle, events: asyncio.Queue) -> dict[str, Any]:
         stops, text = StopText(turn.parsed.stops), []
@@ -168,7 +260,7 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
             handle.cancel()
             metrics.cancelled.inc()
             raise
-        result = _result_or_error(handle)
+        result = _finished(handle)
         if not turn.parsed.stops:
             text = [result.text or ""]
         elif not stops.stopped:
@@ -180,11 +272,13 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
                   {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": finish})
         return {"id": turn.id, "object": "chat.completion" if turn.kind == "chat" else "text_completion",
                 "created": turn.created, "model": config.model_name, "choices": [choice],
-                "usage": _usage(turn, result), "apd": _apd_report(turn, result)}
+                "usage": _usage(turn, len(result.token_ids)), "apd": _apd_report(turn, result)}
 
     async def _stream(turn: Turn, handle, events: asyncio.Queue) -> AsyncIterator[str]:
         stops = StopText(turn.parsed.stops)
         obj = "chat.completion.chunk" if turn.kind == "chat" else "text_completion"
+
+        generated = 0  # tokens so far, for usage in every chunk (continuous_usage_stats)
 
         def chunk(piece: str | None, finish: str | None = None, role: bool = False) -> str:
             if turn.kind == "chat":
@@ -192,20 +286,24 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
-            return _sse({"id": turn.id, "object": obj, "created": turn.created, "model": config.model_name,
-                         "choices": [choice]})
+            payload = {"id": turn.id, "object": obj, "created": turn.created, "model": config.model_name,
+                       "choices": [choice]}
+            if turn.parsed.continuous_usage:
+                payload["usage"] = _usage(turn, generated)
+            return _sse(payload)
 
         try:
             if turn.kind == "chat":
                 yield chunk(None, role=True)
             while (event := await events.get()) is not None:
+                generated += len(event.token_ids)
                 piece = stops.push(event.text or "")
                 if piece:
                     yield chunk(piece)
                 if stops.stopped:
                     handle.cancel()
             try:
-                result = _result_or_error(handle)
+                result = _finished(handle)
             except OpenAIError as exc:  # the status line is sent already: the error goes in the stream
                 yield _sse(exc.body())
                 yield "data: [DONE]\n\n"
@@ -216,7 +314,8 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
             yield chunk(None, "stop" if stops.stopped else result.finish_reason)
             if turn.parsed.include_usage:
                 yield _sse({"id": turn.id, "object": obj, "created": turn.created, "model": config.model_name,
-                            "choices": [], "usage": _usage(turn, result), "apd": _apd_report(turn, result)})
+                            "choices": [], "usage": _usage(turn, len(result.token_ids)),
+                            "apd": _apd_report(turn, result)})
             yield "data: [DONE]\n\n"
         finally:  # the answer is complete, or the client went away (the task is cancelled)
             if not handle.done:
@@ -230,8 +329,11 @@ ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1
 
 
 class Guard:
-    """The API key and the body limit for /v1 routes, and the request counter for every route: a
-    plain ASGI middleware (Starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
+    """What is checked before a route runs, and the request counter for every route: the Host
+    header (a keyless server on loopback is not driven through DNS rebinding), the Origin (a
+    browser's cross-origin request), the API key for /v1 routes (and /metrics when asked), a JSON
+    content type and the body limit on the POST routes. A plain ASGI middleware (Starlette's
+    BaseHTTPMiddleware costs a task and a stream per request)."""
 
     def __init__(self, app, config: ServerConfig, metrics: Metrics) -> None:
         self.app, self.config, self.metrics = app, config, metrics
@@ -248,15 +350,10 @@ class Guard:
             await send(message)
 
         try:
-            if path.startswith("/v1/"):
-                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-                _check_key(headers.get("authorization", ""), self.config.api_key)
-                length = headers.get("content-length")
-                if length is not None and (not length.isdigit() or int(length) > self.config.max_body_bytes):
-                    raise OpenAIError(413, f"the request body is over {self.config.max_body_bytes} bytes",
-                                      code="body_too_large")
+            self._check(path, scope["method"], {k.decode("latin-1").lower(): v.decode("latin-1")
+                                                for k, v in scope["headers"]})
         except OpenAIError as exc:
-            await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)(scope, receive, counted)
+            await ErrorResponse(exc.body(), status_code=exc.status, headers=exc.headers)(scope, receive, counted)
         else:
             try:
                 await self.app(scope, receive, counted)
@@ -265,6 +362,38 @@ class Guard:
                 raise
         finally:
             self.metrics.requests.labels(path if path in ROUTES else "other", str(status[0] or 500)).inc()
+
+    def _check(self, path: str, method: str, headers: dict[str, str]) -> None:
+        config = self.config
+        host = _host_name(headers.get("host", ""))
+        if config.allowed_hosts is not None and host not in config.allowed_hosts:
+            raise OpenAIError(400, f"Host '{host}' is not a name of this server; start it with --allowed-hosts "
+                              f"{host or 'NAME'} to answer that name", code="host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and origin not in config.allowed_origins and "*" not in config.allowed_origins:
+            raise OpenAIError(403, f"requests from the web origin '{origin}' are refused; start the server with "
+                              f"--allowed-origins {origin} to take them", code="origin_not_allowed")
+        # A CORS preflight carries no credentials: CORSMiddleware answers it for the allowed origins.
+        guarded = path.startswith("/v1/") or path == "/metrics" and config.metrics_key_required
+        if guarded and method != "OPTIONS":
+            _check_key(headers.get("authorization", ""), config.api_key)
+        if path in JSON_ROUTES and method == "POST":
+            media = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media != "application/json":
+                raise OpenAIError(415, f"the request body must be JSON with 'Content-Type: application/json' (got "
+                                  f"{media or 'no content type'!r})", code="unsupported_media_type")
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
+                raise OpenAIError(413, f"the request body is over {config.max_body_bytes} bytes",
+                                  code="body_too_large")
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port ('[::1]:8000' -> '::1')."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.partition(":")[0]
 
 
 def _check_key(header: str, api_key: str | None) -> None:
@@ -277,21 +406,28 @@ def _check_key(header: str, api_key: str | None) -> None:
                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    body = b""
+async def _read_body(request: Request, limit: int) -> bytes:
+    body = bytearray()
     async for piece in request.stream():  # a chunked body has no content-length to check up front
         body += piece
         if len(body) > limit:
             raise OpenAIError(413, f"the request body is over {limit} bytes", code="body_too_large")
+    return bytes(body)
+
+
+def _json(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise OpenAIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # ValueError: also an integer of over 4300 digits
         raise OpenAIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def _prepare(runtime: Runtime, parsed: ParsedRequest):
+def _prepare(runtime: Runtime, parsed: ParsedRequest, max_chars: int | None):
     """Prompt ids and settled parameters, or a 400 naming the field (the runtime's message names
     its command-line flag, which maps back to the body field)."""
+    _check_length(runtime, parsed, max_chars)
     try:
         if parsed.messages is not None:
             if runtime.tokenizer is None or not runtime.tokenizer.chat_template:
@@ -307,11 +443,25 @@ def _prepare(runtime: Runtime, parsed: ParsedRequest):
         raise OpenAIError(400, message, param=param, code="invalid_value") from None
 
 
+def _check_length(runtime: Runtime, parsed: ParsedRequest, max_chars: int | None) -> None:
+    """Refuse a prompt that cannot fit the models' positions before the tokenizer reads it."""
+    positions = runtime.max_positions
+    if parsed.messages is not None:
+        if len(parsed.messages) > positions:
+            raise bad("messages", f"{len(parsed.messages)} messages cannot fit the model's {positions} positions")
+        chars, param = sum(len(m["content"]) for m in parsed.messages), "messages"
+    else:
+        chars, param = (len(parsed.prompt) if isinstance(parsed.prompt, str) else 0), "prompt"
+    if max_chars is not None and chars > max_chars:
+        raise bad(param, f"{chars} characters cannot fit the model's {positions} positions (at most {max_chars} "
+                  "characters); shorten the prompt")
+
+
 # The runtime's messages name the command-line flag; the body field it came from.
 FLAG_FIELDS = {"max_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
                "top_k": "--top-k", "seed": "--seed", "alg": "--alg", "apd_mixture_weight": "--apd-mixture-weight",
                "kv_window": "--kv-window", "max_lookahead": "--max-lookahead", "tokens_per_step": "--tokens-per-step",
-               "prompt": "prompt"}
+               "min_tokens": "min_tokens", "ignore_eos": "ignore_eos", "prompt": "prompt"}
 
 
 def _result_or_error(handle):
@@ -323,9 +473,9 @@ def _result_or_error(handle):
         raise OpenAIError(500, f"generation failed: {exc}", code="engine_error") from None
 
 
-def _usage(turn: Turn, result) -> dict[str, int]:
-    return {"prompt_tokens": turn.prompt_tokens, "completion_tokens": len(result.token_ids),
-            "total_tokens": turn.prompt_tokens + len(result.token_ids)}
+def _usage(turn: Turn, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": turn.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": turn.prompt_tokens + completion_tokens}
 
 
 def _apd_report(turn: Turn, result) -> dict[str, Any]:

@@ -20,9 +20,14 @@ APD_FIELDS = {"alg": "alg", "apd_mixture_weight": "apd_mixture_weight", "kv_wind
 # Fields accepted only at the value that changes nothing.
 NO_OP_FIELDS = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "presence_penalty": 0,
                 "frequency_penalty": 0, "logit_bias": None, "suffix": None, "parallel_tool_calls": None,
-                "tools": None, "tool_choice": None, "functions": None, "function_call": None, "response_format": None}
+                "tools": None, "tool_choice": None, "functions": None, "function_call": None}
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}  # bookkeeping, no effect on the output
 MAX_STOPS = 4
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
 
 class OpenAIError(Exception):
@@ -32,9 +37,7 @@ class OpenAIError(Exception):
                  error_type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = error_type or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                                   413: "invalid_request_error", 429: "rate_limit_error",
-                                   503: "service_unavailable"}.get(status, "server_error")
+        self.type = error_type or ERROR_TYPES.get(status, "server_error")
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -53,11 +56,25 @@ class ParsedRequest:
     params: dict[str, Any] = field(default_factory=dict)  # for Runtime.request
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # usage in every chunk (vLLM's stream_options.continuous_usage_stats)
     stops: list[str] = field(default_factory=list)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(param: str, value: Any) -> bool:
+    """Whether `value` is a string; a lone surrogate (JSON lets one through as \\ud800) is refused:
+    no tokenizer or UTF-8 response can carry it."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(param, f"has a lone surrogate (\\u{ord(value[exc.start]):04x}) at character {exc.start}; "
+                  "send valid UTF-16 pairs") from None
+    return True
 
 
 def _is_number(value: Any) -> bool:
@@ -66,14 +83,15 @@ def _is_number(value: Any) -> bool:
 
 def _common(body: dict[str, Any], known: set[str], max_tokens_limit: int) -> ParsedRequest:
     unknown = sorted(set(body) - known - set(SAMPLING_FIELDS) - set(APD_FIELDS) - set(NO_OP_FIELDS) - IGNORED_FIELDS
-                     - {"model", "max_tokens", "stream", "stream_options", "stop"})
+                     - {"model", "max_tokens", "stream", "stream_options", "stop", "response_format", "ignore_eos",
+                        "min_tokens"})
     if unknown:
         raise bad(unknown[0], f"unknown or unsupported field '{unknown[0]}'", "unsupported_parameter")
     for name, no_op in NO_OP_FIELDS.items():
         if name in body and body[name] != no_op and not (no_op is None and body[name] in ([], {})):
             raise bad(name, f"'{name}' is not supported by this server (only {no_op!r})", "unsupported_parameter")
     model = body.get("model")
-    if model is not None and not isinstance(model, str):
+    if model is not None and not _text("model", model):
         raise bad("model", "must be a string")
     parsed = ParsedRequest(model)
     max_tokens = body.get("max_tokens")
@@ -86,7 +104,7 @@ def _common(body: dict[str, Any], known: set[str], max_tokens_limit: int) -> Par
     for name, key in {**SAMPLING_FIELDS, **APD_FIELDS}.items():
         if body.get(name) is not None:
             value = body[name]
-            if name == "alg" and not isinstance(value, str):
+            if name == "alg" and not _text(name, value):
                 raise bad(name, "must be a string")
             if name != "alg" and not _is_number(value):
                 raise bad(name, f"must be a finite number, got {value!r}")
@@ -99,13 +117,32 @@ def _common(body: dict[str, Any], known: set[str], max_tokens_limit: int) -> Par
     if options is not None:
         if not stream:
             raise bad("stream_options", "is only allowed with stream: true")
-        if not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
-            raise bad("stream_options", "only {\"include_usage\": true|false} is supported")
+        flags = ("include_usage", "continuous_usage_stats")
+        if not isinstance(options, dict) or set(options) - set(flags) or not all(isinstance(options.get(f, False), bool)
+                                                                                  for f in flags):
+            raise bad("stream_options", "only {\"include_usage\": true|false, \"continuous_usage_stats\": true|false} "
+                      "is supported")
         parsed.include_usage = options.get("include_usage", False)
+        parsed.continuous_usage = options.get("continuous_usage_stats", False)
+    response_format = body.get("response_format")
+    if response_format not in (None, {}, {"type": "text"}):
+        raise bad("response_format", "only {\"type\": \"text\"} is supported by this server", "unsupported_parameter")
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None:
+        if not isinstance(ignore_eos, bool):
+            raise bad("ignore_eos", f"must be true or false, got {ignore_eos!r}")
+        parsed.params["ignore_eos"] = ignore_eos
+    min_tokens = body.get("min_tokens")
+    if min_tokens is not None:
+        if not _is_int(min_tokens) or min_tokens < 0:
+            raise bad("min_tokens", f"must be an integer of at least 0, got {min_tokens!r}")
+        if max_tokens is not None and min_tokens > max_tokens:
+            raise bad("min_tokens", f"must be at most max_tokens ({max_tokens}), got {min_tokens}")
+        parsed.params["min_tokens"] = min_tokens
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
+        if not isinstance(stops, list) or not all(_text("stop", s) and s for s in stops) or len(stops) > MAX_STOPS:
             raise bad("stop", f"must be a non-empty string or a list of at most {MAX_STOPS} of them")
         parsed.stops = stops
     return parsed
@@ -118,7 +155,7 @@ def parse_completion(body: Any, max_tokens_limit: int) -> ParsedRequest:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
+    if _text("prompt", prompt):
         if not prompt:
             raise bad("prompt", "is empty")
         parsed.prompt = prompt
@@ -152,10 +189,11 @@ def parse_chat(body: Any, max_tokens_limit: int) -> ParsedRequest:
             raise bad(f"messages[{i}].role", "must be 'system', 'user' or 'assistant'")
         content = message.get("content")
         if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and _text(f"messages[{i}].content", p.get("text"))
+                       for p in content):
                 raise bad(f"messages[{i}].content", "only text content parts are supported", "unsupported_parameter")
             content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
+        if not _text(f"messages[{i}].content", content):
             raise bad(f"messages[{i}].content", "must be a string")
         checked.append({"role": message["role"], "content": content})
     parsed.messages = checked

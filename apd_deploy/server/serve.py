@@ -1,50 +1,119 @@
 """`apd-deploy serve`: load the bundle once, start the scheduler, run the app on uvicorn.
 
+The port is bound before the bundle loads (a port in use is one error line), and the address
+announced is the one bound (`--port 0` picks a free port). Connections run on h11 with bounded
+request heads (size, and time: `head_timeout.py`), idle keep-alive and connection counts.
+
 SIGTERM (or Ctrl-C): /ready turns 503, uvicorn stops accepting connections and lets the requests
-in flight finish for up to `grace_seconds`, then the scheduler is closed (what still runs is
-cancelled) and the process exits 0.
+in flight finish for up to `grace_seconds`; then what still runs is cancelled and answered 503
+(a stream: an error event, then [DONE]), and the process exits 0.
 """
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import signal
 import sys
+from dataclasses import dataclass
 
 import uvicorn
 
+from apd_deploy.errors import ApdDeployError
 from apd_deploy.runtime import Runtime
-from apd_deploy.server.app import ServerConfig, create_app
+from apd_deploy.server.app import ServerConfig, create_app, is_loopback, is_wildcard
+from apd_deploy.server.head_timeout import head_timeout_protocol
+
+# Past the grace period the requests still running are cancelled; this long is left for their 503s
+# to be written before uvicorn cancels what remains.
+ABORT_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What bounds a connection (the flags of `serve`)."""
+
+    header_timeout: float = 10.0  # seconds to send a request head
+    max_header_bytes: int = 16384  # a request line and headers larger get 400
+    keep_alive_seconds: float = 5.0  # an idle connection between requests is closed after this
+    max_connections: int = 1024  # connections and requests in flight; beyond, 503
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, telling the app it drains as soon as the signal arrives."""
+    """uvicorn's server, telling the app it drains as soon as the signal arrives, and ending the
+    requests still running once the grace period is over."""
 
-    def __init__(self, config: uvicorn.Config, app) -> None:
+    def __init__(self, config: uvicorn.Config, app, grace_seconds: float) -> None:
         super().__init__(config)
-        self.app = app
+        self.app, self.grace_seconds = app, grace_seconds
 
     def handle_exit(self, sig, frame) -> None:
         self.app.state.draining = True
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets=None) -> None:
+        deadline = asyncio.get_running_loop().call_later(self.grace_seconds, self.app.state.abort)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, or ApdDeployError naming the --port or --host to change."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == 98:  # EADDRINUSE
+            raise ApdDeployError(f"port {port} on {host} is in use; stop what listens there or choose another "
+                                 "--port (--port 0: any free port)") from None
+        raise ApdDeployError(f"cannot listen on {host}:{port} ({exc.strerror}); check --host and --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for a server that anyone on the network may use."""
+    if api_key is None and not is_loopback(host):
+        where = "every interface" if is_wildcard(host) else host
+        return (f"warning: serving on {where} without an API key: anyone who can reach this port can use the "
+                "model; set --api-key (or APD_API_KEY), or bind --host 127.0.0.1")
+    return None
+
 
 def serve(bundle: str, engine: str | None, host: str, port: int, max_batch: int, max_queue: int, lanes: int,
           threads: int | None, api_key: str | None, model_name: str | None, max_tokens: int | None,
-          max_body_bytes: int, grace_seconds: float) -> None:
+          max_body_bytes: int, grace_seconds: float, limits: ConnectionLimits = ConnectionLimits(),
+          allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
+          metrics_key_required: bool = False) -> None:
+    if (warning := exposure_warning(host, api_key)) is not None:
+        print(warning, file=sys.stderr, flush=True)
+    sock = bind(host, port)
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
     scheduler = runtime.scheduler(max_batch=max_batch, max_queue=max_queue, lanes=lanes)
-    config = ServerConfig.for_runtime(runtime, model_name, api_key, max_body_bytes, max_tokens)
+    config = ServerConfig.for_runtime(runtime, model_name, api_key, max_body_bytes, max_tokens, host=host,
+                                      allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
+                                      metrics_key_required=metrics_key_required)
     app = create_app(runtime, scheduler, config)
-    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=grace_seconds, lifespan="off"), app)
-    print(f"serving {bundle} as '{config.model_name}' on http://{host}:{port} (max batch {max_batch}, "
+    server = DrainingServer(uvicorn.Config(
+        app, http=head_timeout_protocol(limits.header_timeout), h11_max_incomplete_event_size=limits.max_header_bytes,
+        timeout_keep_alive=limits.keep_alive_seconds, limit_concurrency=limits.max_connections, log_level="warning",
+        access_log=False, timeout_graceful_shutdown=grace_seconds + ABORT_SECONDS, lifespan="off"), app, grace_seconds)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    print(f"serving {bundle} as '{config.model_name}' on http://{shown}:{bound_port} (max batch {max_batch}, "
           f"queue {max_queue}{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     # uvicorn re-raises a signal it caught once its graceful shutdown is over, to the handler that
     # was there before it: by then the drain is done, so that handler only lets the process exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         scheduler.close(cancel=True, timeout=grace_seconds)
     print("stopped", file=sys.stderr, flush=True)
