@@ -39,7 +39,8 @@ class GenerationResult:
 
 @dataclass
 class Chunk:
-    """Tokens committed by one step, and the text they add (None without a tokenizer)."""
+    """Tokens committed by one step, and the text they add: "" while nothing printable has
+    completed (part of a character), None without a tokenizer."""
 
     token_ids: list[int]
     text: str | None
@@ -83,7 +84,9 @@ class Progress:
         self.generated += tokens
         if tokens and self.first_chunk_seconds is None:
             self.first_chunk_seconds = time.perf_counter() - self.arrived
-        return Chunk(tokens, self.pieces.push(tokens) if self.pieces is not None and tokens else None)
+        if self.pieces is None:
+            return Chunk(tokens, None)
+        return Chunk(tokens, (self.pieces.push(tokens) if tokens else None) or "")
 
     def rest(self) -> Chunk | None:
         """A last chunk without tokens for the text still held back, if any: a generation may end
