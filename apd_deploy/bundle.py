@@ -172,6 +172,8 @@ def read_manifest(bundle: str | Path, verify: str = "full") -> dict[str, Any]:
     """Load and validate `bundle`'s manifest and check its files (see `verify_files` for modes)."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
+    if not os.path.lexists(bundle):
+        raise BundleError(f"{bundle}: does not exist; give the directory `apd-deploy export` wrote")
     if not path.is_file():
         raise BundleError(f"{bundle}: no {MANIFEST}; is this a bundle written by `apd-deploy export`?")
     try:

@@ -50,6 +50,11 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def counted(count: int, noun: str) -> str:
+    """'1 token', '2 tokens'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def progress_printer(quiet: bool) -> Callable[[str], None]:
     if quiet:
         return lambda _: None
@@ -67,9 +72,9 @@ def main(args: list[str] | None = None) -> None:
     line, exit status 2; other click errors print one `error:` line."""
     try:
         code = cli.main(args=args, prog_name="apd-deploy", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
-        sys.exit(1)
+    except click.exceptions.Abort:  # Ctrl-C; 130 is the shell's status for death by SIGINT
+        click.echo("error: interrupted (Ctrl-C)", err=True)
+        sys.exit(130)
     except NO_ARGS_IS_HELP as exc:
         click.echo(exc.format_message(), err=True)
         sys.exit(exc.exit_code)
@@ -87,7 +92,7 @@ def main(args: list[str] | None = None) -> None:
 
 def interruptible(command: Callable[..., Any]) -> Callable[..., Any]:
     """SIGTERM ends the command as Ctrl-C does, removing its staging folder; exit status 143,
-    the shell's for death by SIGTERM."""
+    the shell's for death by SIGTERM (130 for Ctrl-C, SIGINT's)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -99,6 +104,9 @@ def interruptible(command: Callable[..., Any]) -> Callable[..., Any]:
         except Terminated:
             click.echo("error: terminated (SIGTERM); nothing was written", err=True)
             sys.exit(143)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted (Ctrl-C); nothing was written", err=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -231,7 +239,8 @@ def generate_command(bundle: str, prompt: str | None, prompt_ids: list[int] | No
     mean = len(result.token_ids) / max(result.steps, 1)
     seed = f", seed {result.seed}" if result.seed is not None else ""
     click.echo(
-        f"[{params['alg']}] {len(result.token_ids)} tokens in {result.steps} steps ({mean:.2f} per step), "
+        f"[{params['alg']}] {counted(len(result.token_ids), 'token')} in {counted(result.steps, 'step')} "
+        f"({mean:.2f} per step), "
         f"dLLM forwards {result.dllm_forwards}, verifier forwards {result.verifier_forwards}, "
         f"{result.seconds:.3f} s, {result.tokens_per_second:.1f} tokens/s{seed}",
         err=True,
@@ -490,7 +499,7 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
         baseline = (RuntimeBaseline(compare_bundle, engine, threads) if compare_bundle
                     else ServerBaseline(compare_url, api_key))
         b = settings["baseline"] = paired_overhead(url, jobs[: min(len(jobs), requests)], stream, api_key, baseline)
-        click.echo(f"one at a time, {b['pairs']} pairs: server p50 {b['server_p50_ms']:.1f} ms, {b['baseline']} p50 "
+        click.echo(f"one at a time, {counted(b['pairs'], 'pair')}: server p50 {b['server_p50_ms']:.1f} ms, {b['baseline']} p50 "
                    f"{b['baseline_p50_ms']:.1f} ms; overhead (median of the pairs) {b['overhead_ms']:.1f} ms, "
                    f"{b['overhead_share']:.1%} of a request{'' if b['same_answers'] else '; the answers differ'}")
     written = [*write_rows(Path(out), "results", settings, [r.row() for r in rows]), plot_serve(rows, Path(out), subtitle(settings))]

@@ -139,7 +139,8 @@ def check_answered(concurrency: int, samples: list[Sample]) -> None:
     first = samples[0]
     status = "transport" if first.status == -1 else str(first.status)
     raise ApdDeployError(
-        f"every one of the {len(samples)} requests at concurrency {concurrency} failed "
+        f"{'the only request' if len(samples) == 1 else f'every one of the {len(samples)} requests'} at "
+        f"concurrency {concurrency} failed "
         f"({', '.join(f'{k}: {v}' for k, v in errors.items())}); the first: {status} {first.error.strip()!r}; "
         f"{FAILURE_HINTS.get(status, 'see the server log')}")
 
