@@ -205,3 +205,19 @@ def test_30m_pair_gives_onnxruntimes_tokens_over_256(tmp_path):
         assert list(ov.generate(prompt, max_new_tokens=256).token_ids) == list(expected.token_ids) or \
             any(step.disagreements for step in steps)
     assert explain(steps) == []
+
+
+def test_served_over_http_in_two_lanes(ov_demo):
+    """`serve --engine openvino-cpu-fp32 --lanes 2`, driven by the openai client: Runtime.generate's answers."""
+    from openai import OpenAI
+
+    from apd_deploy.bench.serving import launched_server
+
+    runtime = Runtime.load(ov_demo, engine="openvino-cpu-fp32", threads=1)
+    questions = [p.question for p in itertools.islice(problems("test"), 4)]
+    with launched_server([str(ov_demo), "--engine", "openvino-cpu-fp32", "--lanes", "2", "--threads", "2"]) as (url, _):
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+        for question in questions:
+            answer = client.chat.completions.create(model="demo", max_tokens=32,
+                                                    messages=[{"role": "user", "content": question}])
+            assert answer.choices[0].message.content == runtime.generate(question, chat=True, max_new_tokens=32).text
