@@ -3,10 +3,13 @@ simulated two-node cluster), real replicas, driven by the `openai` client on fre
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -166,59 +169,133 @@ def test_sixteen_clients_are_served_by_both_replicas(local_ray, demo_runtime):
     assert sum(counts.values()) == 32 and len(counts) == 2 and min(counts.values()) > 0, counts
 
 
+def test_a_local_ray_listens_only_on_loopback(local_ray, ray_tmp):
+    """Every socket that the command's Ray listens on (its servers, agents, workers and replicas)
+    is on 127.0.0.1, as the proxy is without --host."""
+    _, proc = local_ray
+    pids = set(ray_processes(ray_tmp)) | {proc.pid}
+    sockets = listening_sockets(pids)
+    assert len(sockets) > 5, sockets  # the test sees Ray's servers
+    assert all(ipaddress.ip_address(ip).is_loopback or ip.startswith("::ffff:127.") for ip, _, _ in sockets), sockets
+
+
+def listening_sockets(pids: set[int]) -> list[tuple[str, int, str]]:
+    """(address, port, command) of each TCP socket in LISTEN state held by one of `pids`."""
+    owners = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd) if fd.is_symlink() else ""
+                if target.startswith("socket:["):
+                    owners[target[8:-1]] = pid
+        except OSError:  # a worker that exited meanwhile
+            continue
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in owners:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            command = Path(f"/proc/{owners[fields[9]]}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            found.append((socket.inet_ntop(family, raw), int(port, 16), command))
+    return found
+
+
+def raw_request(url: str, path: str, body: dict) -> socket.socket:
+    """A POST sent on a socket of its own, left unread: closing the socket is the client going away."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
+
+
 def test_a_client_that_goes_away_cancels_its_request(local_ray):
     """Through the proxy too: a stream and a whole answer whose clients give up are cancelled on
-    their replicas, which free their slots."""
+    their replicas, which free their slots; the whole answer counts as 499 (client closed)."""
     url, _ = local_ray
-    auth = {"Authorization": f"Bearer {KEY}"}
-    long = {"prompt": "12 + 7 =", "max_tokens": 100, "alg": "diffusion"}  # 100 steps: seconds
-    # Both give up long before the answer (about a second here). Not after a stream's first chunk:
-    # diffusion commits the demo dLLM's first tokens last, so that chunk comes at the end.
-    with pytest.raises(httpx.ReadTimeout):
-        with httpx.stream("POST", f"{url}/v1/completions", json={**long, "stream": True}, headers=auth,
-                          timeout=0.3) as response:
-            next(response.iter_lines())
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/v1/completions", json=long, headers=auth, timeout=0.3)
+    page = metrics(url)
+    cancelled_before = sum(per_replica(page, "apd_cancelled_requests_total").values())
+    closed_before = counted(page, "/v1/completions", "499")
+    long = {"prompt": "12 + 7 =", "max_tokens": 150, "alg": "diffusion"}  # 150 steps of a batch of two: seconds
+    clients = [raw_request(url, "/v1/completions", {**long, "stream": True}), raw_request(url, "/v1/completions", long)]
+    # Both go away once both decode (not before: one the proxy still held would never reach a replica).
+    try:
+        wait_until(lambda: sum(per_replica(metrics(url), "apd_active_requests").values()) == 2, "both requests decode")
+    finally:
+        for sock in clients:
+            sock.close()
 
     def both_cancelled() -> bool:
         page = metrics(url)
-        return (sum(per_replica(page, "apd_cancelled_requests_total").values()) == 2
+        return (sum(per_replica(page, "apd_cancelled_requests_total").values()) == cancelled_before + 2
                 and sum(per_replica(page, "apd_active_requests").values()) == 0)
 
     wait_until(both_cancelled, "both requests are cancelled and their slots free", 30)
+    wait_until(lambda: counted(metrics(url), "/v1/completions", "499") == closed_before + 1,
+               "the whole answer counts as 499", 10)
+    assert counted(metrics(url), "/v1/completions", "500") == 0
 
 
-def test_a_killed_replica_fails_only_its_requests_and_comes_back(local_ray):
+def counted(page: str, endpoint: str, status: str) -> float:
+    """apd_requests_total of `endpoint` and `status`, summed over the replicas."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+               if line.startswith(f'apd_requests_total{{endpoint="{endpoint}",') and f'status="{status}"' in line)
+
+
+def test_a_killed_replica_costs_no_whole_answer_and_ends_its_streams(local_ray):
+    """32 whole answers from 8 clients while one replica is killed: each one it held is retried on
+    the other; a stream it held ends with an error event and [DONE]. Serve replaces the replica."""
     url, _ = local_ray
     c = client(url, KEY)
-    before = label_values(metrics(url), "pid")
-    assert len(before) == 2
+    pids = pid_of_replica(metrics(url))
+    assert len(pids) == 2
+    # A long stream, whose replica (named in its headers) is the one killed.
+    stream = httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                          json={"prompt": "12 + 7 =", "max_tokens": 150, "alg": "diffusion", "stream": True})
+    response = stream.__enter__()
+    victim = int(pids[response.headers["x-apd-replica"]])
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line for line in response.iter_lines() if line))
+    reader.start()
     outcomes: list[str] = []
-    stop = threading.Event()
 
-    def load() -> None:
-        while not stop.is_set():
+    def four_questions(i: int) -> None:
+        for j in range(4):
             try:
-                ask(c.with_options(timeout=60), QUESTIONS[len(outcomes) % 8])
+                ask(c.with_options(timeout=60), QUESTIONS[(i + j) % 8])
                 outcomes.append("ok")
-            except openai.APIError as exc:  # the replica died under it: an error, not a hang
+            except openai.APIError as exc:
                 outcomes.append(type(exc).__name__)
 
-    clients = [threading.Thread(target=load) for _ in range(4)]
+    clients = [threading.Thread(target=four_questions, args=(i,)) for i in range(8)]
     for thread in clients:
         thread.start()
-    wait_until(lambda: len(outcomes) >= 4, "the load runs")
-    victim = int(sorted(before)[0])
+    wait_until(lambda: outcomes, "the load runs")
+    assert reader.is_alive(), "the stream ended before the kill: make it longer"
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: label_values(metrics(url), "pid") - before - {str(victim)}, "Serve starts a new replica", 90)
-    stop.set()
+    killed = time.monotonic()
+    reader.join(timeout=60)
+    stream.__exit__(None, None, None)
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "replica_died", lines[-3:]
     for thread in clients:
-        thread.join(timeout=90)
+        thread.join(timeout=120)
         assert not thread.is_alive(), "a request hung"
-    assert outcomes.count("ok") > len(outcomes) // 2, Counter(outcomes)
+    assert outcomes == ["ok"] * 32, Counter(outcomes)
+    wait_until(lambda: len(set(pid_of_replica(metrics(url)).values()) - {str(victim)}) == 2,
+               "Serve starts a new replica", 90)
+    print(f"\nkill test: {outcomes.count('ok')} of 32 answered; a new replica's metrics "
+          f"{time.monotonic() - killed:.1f} s after the kill")
     for problem in QUESTIONS[:3] + QUESTIONS[4:5]:  # ones the demo pair answers right (it misses QUESTIONS[3])
         assert extract_answer(ask(c, problem)) == problem.answer
+
+
+def pid_of_replica(page: str) -> dict[str, str]:
+    """Each replica's id and the pid of its process, as /metrics labels them."""
+    return {replica: pid for pid, replica in re.findall(r'pid="(\d+)",replica="([^"]+)"', page)}
 
 
 def test_sigterm_leaves_no_ray_process(local_ray, ray_tmp):
@@ -326,8 +403,9 @@ def test_a_serve_config_file_builds_the_same_application(demo_bundle):
     config = ServeDeploySchema.model_validate(yaml.safe_load(document["spec"]["serveConfigV2"]))
     (entry,) = config.applications
     assert entry.import_path == "apd_deploy.server.ray_serve:build_app"
-    app = build_app({**entry.args, "bundle": str(demo_bundle)})
-    deployment = app._bound_deployment
+    gateway = build_app({**entry.args, "bundle": str(demo_bundle)})._bound_deployment
+    assert gateway.name == "Gateway" and gateway._deployment_config.max_ongoing_requests == 4 * (8 + 64 + 1)
+    deployment = gateway.init_args[0]._bound_deployment  # the replicas, behind the gateway
     assert deployment.ray_actor_options == {"num_cpus": 4, "num_gpus": 0}
     scaling = deployment._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 8)

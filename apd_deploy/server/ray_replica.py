@@ -1,6 +1,12 @@
-"""What runs on a Ray Serve replica: the bundle checked on its node, the runtime and its batched
-scheduler, the server's own FastAPI app as the ingress, and the metrics board that lets any
-replica's /metrics show every replica's figures.
+"""What runs on Ray Serve: the gateway, which takes each HTTP request from Serve's proxy and hands
+it to a replica; the replicas (the bundle checked on its node, the runtime and its batched
+scheduler, the server's own FastAPI app); and the metrics board that lets any replica's /metrics
+show every replica's figures.
+
+The gateway calls a replica through a deployment handle, so it learns when the replica dies under
+a request: a whole answer, of which the client has received nothing yet, is sent once more to
+another replica; a stream, whose client has its first chunks, ends with an error event and
+`data: [DONE]`.
 
 Each replica pushes its collected metrics to the board every `PUSH_SECONDS`; a /metrics request
 pushes the answering replica's first, so its own figures are current and the others' at most that
@@ -11,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,22 @@ from apd_deploy.errors import BundleError, GenerationError
 from apd_deploy.runtime import Runtime
 from apd_deploy.server.app import ServerConfig, create_app
 from apd_deploy.server.metrics import labelled_page
+from apd_deploy.server.protocol import OpenAIError
+
+
+def _serve_grpc_on_loopback() -> None:
+    """In a Ray for one machine (`serve --ray` without --ray-address: Ray's processes listen on
+    127.0.0.1), a Serve replica's own gRPC server listens there too; Serve 2.60 binds it to every
+    interface ('[::]:0') whatever the node's address. Called by each deployment's constructor: Serve
+    starts that server after it, in the same process."""
+    from ray._private import ray_constants
+    from ray.serve._private import replica
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        return
+    add_port = replica.add_port_to_grpc_server
+    replica.add_port_to_grpc_server = lambda server, address: add_port(
+        server, "127.0.0.1:0" if address == "[::]:0" else address)
 
 PUSH_SECONDS = 1.0
 STALE_SECONDS = 10.0
@@ -165,6 +189,7 @@ class MetricsBoard:
     """The latest metrics each replica pushed."""
 
     def __init__(self) -> None:
+        _serve_grpc_on_loopback()
         self.latest: dict[str, tuple[float, dict[str, str], list[Metric]]] = {}
 
     def push(self, replica: str, labels: dict[str, str], collected: list[Metric]) -> None:
@@ -180,28 +205,53 @@ class MetricsBoard:
 
 
 @serve.deployment
-@serve.ingress()
 class Replica:
-    """One copy of the server. Serve routes HTTP to the app `__serve_build_asgi_app__` returns."""
+    """One copy of the server, which the gateway calls once per HTTP request (`http`)."""
 
-    def __init__(self, settings: ReplicaSettings, board) -> None:
+    async def __init__(self, settings: ReplicaSettings, board) -> None:
+        _serve_grpc_on_loopback()
         self.settings, self.board = settings, board
         check_here(settings)
         self.runtime = Runtime.load(settings.bundle, engine=settings.engine, threads=settings.threads, verify="skip")
         self.scheduler = self.runtime.scheduler(max_batch=settings.max_batch, max_queue=settings.max_queue,
                                                 lanes=settings.lanes)
-        self.config = ServerConfig.for_runtime(self.runtime, settings.model_name, settings.api_key,
-                                               settings.max_body_bytes, settings.max_tokens)
+        config = ServerConfig.for_runtime(self.runtime, settings.model_name, settings.api_key,
+                                          settings.max_body_bytes, settings.max_tokens)
         self.id = serve.get_replica_context().replica_id.unique_id
         self.labels = {"replica": self.id, "node": socket.gethostname(),
                        "node_id": ray.get_runtime_context().get_node_id(), "pid": str(os.getpid())}
-        self.pusher: asyncio.Task | None = None
-
-    async def __serve_build_asgi_app__(self):
-        app = create_app(self.runtime, self.scheduler, self.config, render_metrics=self.page)
-        self.registry = app.state.metrics.registry
+        self.app = create_app(self.runtime, self.scheduler, config, render_metrics=self.page)
+        self.registry = self.app.state.metrics.registry
         self.pusher = asyncio.get_running_loop().create_task(self.push_forever())
-        return app
+
+    async def http(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[dict[str, Any]]:
+        """One HTTP request (its ASGI scope and whole body) through the app: the ASGI messages the
+        app sends, its response's start naming this replica (`x-apd-replica`). Cancelling the call
+        (the client went away) cancels the app's request."""
+        sent: asyncio.Queue = asyncio.Queue()
+        given = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Future()  # nothing more comes: a client that goes away cancels the call
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-apd-replica", self.id.encode())]}
+            sent.put_nowait(message)
+
+        request = asyncio.get_running_loop().create_task(self.app(scope, receive, send))
+        request.add_done_callback(lambda _: sent.put_nowait(None))
+        try:
+            while (message := await sent.get()) is not None:
+                yield message
+        finally:
+            if not request.done():
+                request.cancel()
+                await asyncio.wait([request])  # its own cleanup: the scheduler's slot, the metrics
 
     async def push(self) -> None:
         await self.board.push.remote(self.id, self.labels, list(self.registry.collect()))
@@ -224,8 +274,7 @@ class Replica:
             raise RuntimeError(f"{node_name()}: the scheduler of replica {self.id} stopped")
 
     async def __del__(self) -> None:
-        if self.pusher is not None:
-            self.pusher.cancel()
+        self.pusher.cancel()
         try:  # the board may be gone first when the whole application is deleted
             await asyncio.wait_for(self.board.drop.remote(self.id), DROP_SECONDS)
         except Exception:
@@ -233,6 +282,74 @@ class Replica:
         await asyncio.to_thread(self.scheduler.close, True, self.settings.grace_seconds)
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=DRAIN_POLL_SECONDS,
+                  health_check_period_s=HEALTH_CHECK_SECONDS)
+@serve.ingress()
+class Gateway:
+    """The HTTP ingress: each request goes to a replica through a handle (Serve's routing, to the
+    replica with fewer requests in flight of two it samples)."""
+
+    def __init__(self, replicas, max_body_bytes: int) -> None:
+        _serve_grpc_on_loopback()
+        self.replicas = replicas.options(stream=True)
+        self.max_body_bytes = max_body_bytes
+
+    async def __serve_build_asgi_app__(self):
+        async def app(scope: dict[str, Any], receive, send) -> None:  # a function: uvicorn takes a method for ASGI 2
+            await self.forward(scope, receive, send)
+
+        return app
+
+    async def forward(self, scope: dict[str, Any], receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:  # the replica's app checks the size: more than its limit is never needed to refuse it
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes or not message.get("more_body"):
+                break
+        plain = {key: scope[key] for key in ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path",
+                                             "query_string", "root_path", "headers", "client", "server") if key in scope}
+        for attempt in (1, 2):
+            started = streaming = False
+            response = self.replicas.http.remote(plain, body)
+            try:
+                async for message in response:
+                    if message["type"] == "http.response.start":
+                        started = True
+                        streaming = (b"content-type", b"text/event-stream; charset=utf-8") in message["headers"]
+                    await send(message)
+                return
+            except ray.exceptions.RayActorError:  # the replica's process or node died
+                if not started and attempt == 1:
+                    continue  # nothing reached the client: the same request, to another replica
+                died = OpenAIError(503, "the replica answering this request stopped (its process or node died) and "
+                                   "the answer is incomplete; send the request again", code="replica_died",
+                                   headers={"Retry-After": "1"})
+                if started:
+                    event = f"data: {json.dumps(died.body())}\n\ndata: [DONE]\n\n" if streaming else ""
+                    await send({"type": "http.response.body", "body": event.encode(), "more_body": False})
+                else:
+                    await send({"type": "http.response.start", "status": died.status,
+                                "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")]})
+                    await send({"type": "http.response.body", "body": json.dumps(died.body()).encode()})
+                return
+            finally:
+                response.cancel()  # the client went away: the replica's request goes too (a no-op once done)
+
+
 def application(settings: ReplicaSettings, replica_options: dict[str, Any]):
-    """The Serve application: the replicas (with `replica_options`) and their metrics board."""
-    return Replica.options(**replica_options).bind(settings, MetricsBoard.bind())
+    """The Serve application: the gateway, the replicas (with `replica_options`) and their metrics
+    board. The gateway takes as many requests as every replica can hold: a full replica answers
+    429 itself."""
+    scale = replica_options.get("autoscaling_config")
+    most = scale["max_replicas"] if scale else replica_options["num_replicas"]
+    replicas = Replica.options(**replica_options).bind(settings, MetricsBoard.bind())
+    return Gateway.options(max_ongoing_requests=most * replica_options["max_ongoing_requests"],
+                           graceful_shutdown_timeout_s=settings.grace_seconds).bind(replicas, settings.max_body_bytes)

@@ -74,6 +74,15 @@ def serve_on_ray(settings, options: dict[str, Any], host: str, port: int, ray_ad
 
     from apd_deploy.server.ray_replica import application, check_every_node
 
+    if ray_address is None:
+        # A Ray for one machine, as Ray runs on macOS and Windows: every process it starts (its
+        # servers, agents and workers) listens on 127.0.0.1 instead of every interface. Ray reads
+        # the variable when imported: its processes do, and this one, which imported Ray already,
+        # is told the same.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     # 'local': a Ray of this command's own, even where `ray start` left a cluster running here.
     ray.init(address=ray_address or "local", include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              configure_logging=True)
