@@ -14,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from apd_deploy.accelerators import default_threads
+from apd_deploy.accelerators import cpu_isa, default_threads, native_bf16, require_openvino
 from apd_deploy.bundle import file_records, read_manifest, store_manifest, verify_files
 from apd_deploy.engines.onnxruntime_build import build_onnxruntime
 from apd_deploy.engines.openvino_build import build_openvino
 from apd_deploy.engines.profiles import derive_profiles
 from apd_deploy.engines.tensorrt_build import build_tensorrt
-from apd_deploy.errors import ApdDeployError
+from apd_deploy.errors import ApdDeployError, BackendUnavailable
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 DEVICES = {"onnxruntime": ("cpu", "cuda"), "openvino": ("cpu",), "tensorrt": ("cuda",)}
@@ -30,6 +30,17 @@ DEFAULT_MAX_SEQ_LEN = 4096
 
 def engine_name(backend: str, device: str, precision: str) -> str:
     return f"{backend}-{device}-{precision}"
+
+
+def fastest_cpu_engine() -> tuple[str, str]:
+    """(backend, precision) of the fastest CPU engine this machine can build for an fp32 bundle:
+    OpenVINO in bf16 where the CPU computes bf16 natively (AMX, AVX512_BF16), OpenVINO in fp32
+    where it is installed, else onnxruntime."""
+    try:
+        require_openvino()
+    except BackendUnavailable:
+        return "onnxruntime", "fp32"
+    return "openvino", "bf16" if native_bf16(cpu_isa()) else "fp32"
 
 
 def build_engine(

@@ -221,3 +221,17 @@ def test_served_over_http_in_two_lanes(ov_demo):
             answer = client.chat.completions.create(model="demo", max_tokens=32,
                                                     messages=[{"role": "user", "content": question}])
             assert answer.choices[0].message.content == runtime.generate(question, chat=True, max_new_tokens=32).text
+
+
+def test_without_openvino_the_demo_falls_back_and_loads_explain(ov_bundle, tmp_path, monkeypatch):
+    from apd_deploy.engines.build import fastest_cpu_engine
+
+    assert fastest_cpu_engine() == ("openvino", "bf16" if BF16 else "fp32")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as on a machine without it
+    assert fastest_cpu_engine() == ("onnxruntime", "fp32")
+    bundle = shutil.copytree(ov_bundle, tmp_path / "b")
+    for attempt in (lambda: build_engine(bundle, "openvino", "cpu", "fp32"),
+                    lambda: Runtime.load(bundle, engine="openvino-cpu-fp32")):
+        with pytest.raises(ApdDeployError, match=r"OpenVINO is not installed.*pip install 'apd-deploy\[openvino\]'"):
+            attempt()
+    assert Runtime.load(bundle, engine="onnxruntime-cpu-fp32").generate(PROMPT, max_new_tokens=4).token_ids is not None
