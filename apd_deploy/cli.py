@@ -17,6 +17,7 @@ from apd_deploy.bench.runner import parse_sweeps
 from apd_deploy.bundle import VERIFY_MODES
 from apd_deploy.cli_options import (CONTEXT, THREADS_BOUND, IntList, ThreadCount, apd_options, library_checked,
                                     library_parsed, local_threads_option, sampling_options, threads_option)
+from apd_deploy.cli_progress import counted, progress_bar
 from apd_deploy.engines.build import BACKENDS, DEVICES, PRECISIONS
 from apd_deploy.errors import ApdDeployError, GenerationError
 from apd_deploy.evaluation import DEFAULT_ALGS, TASKS, parse_algs
@@ -48,11 +49,6 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise
 
     return wrapper
-
-
-def counted(count: int, noun: str) -> str:
-    """'1 token', '2 tokens'."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def progress_printer(quiet: bool) -> Callable[[str], None]:
@@ -317,7 +313,7 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: str, lengths:
         raise click.UsageError(f"--lanes {lanes} is more than --batch-size {batch_size}: each lane needs a slot")
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
     work = plan(runtime, task, split, n, algs, params, lengths)
-    with click.progressbar(length=len(work.problems) * len(work.runs), label="solving", file=sys.stderr) as bar:
+    with progress_bar(len(work.problems) * len(work.runs), "solving", "generation") as bar:
         results = run(runtime, work, progress=lambda: bar.update(1), batch_size=batch_size, lanes=lanes)
     if as_json:
         for result in results:
@@ -482,7 +478,7 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
     url = url.rstrip("/")
     check_reachable(url)
     rows = []
-    bar = click.progressbar(length=requests * len(parse_levels(levels)), label="loading the server", file=sys.stderr)
+    bar = progress_bar(requests * len(parse_levels(levels)), "loading the server", "request")
     with bar:
         for level in parse_levels(levels):
             samples, seconds = run_level(url, jobs, level, requests, stream, api_key, progress=lambda: bar.update(1))
@@ -580,7 +576,7 @@ def bench_command(bundle: str, algs: str | None, levels: str | None, lanes: int,
         models = runtime.manifest["models"]
         eager_loop = EagerAPD(models["dllm"]["source"], models["verifier"]["source"], threads, eager_device,
                               runtime.manifest["export"]["dtype"])
-    bar = click.progressbar(length=1, label="benchmarking", file=sys.stderr)
+    bar = progress_bar(None, "benchmarking", "generation")
     with bar:
         results = benchmark(runtime, algs, list(sweeps), prompts, max_new_tokens, repeat, task, eager_loop,
                             progress_total=lambda total: setattr(bar, "length", total), progress=lambda: bar.update(1))
@@ -612,7 +608,7 @@ def bench_concurrency(runtime: Any, levels: list[int], lanes: int, algs: str, pr
     (config,) = configs
     params = {"alg": config.alg, "max_new_tokens": max_new_tokens, **config.params}
     extract = TASKS[task].extract_answer if task else None
-    bar = click.progressbar(length=1, label="benchmarking", file=sys.stderr)
+    bar = progress_bar(None, "benchmarking", "generation")
     with bar:
         rows = benchmark_concurrency(runtime, levels, prompts, params, repeat, extract, lanes,
                                      progress_total=lambda total: setattr(bar, "length", total),

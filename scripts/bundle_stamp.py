@@ -1,7 +1,8 @@
 """Whether a bundle is up to date with what made it, so `scripts/demo.sh` exports only when needed.
 
     bundle_stamp.py write BUNDLE SOURCE...   record the sources' sha256 and the tools' versions
-    bundle_stamp.py check BUNDLE SOURCE...   exit 0 if the record matches now and the bundle is intact
+    bundle_stamp.py check BUNDLE SOURCE...   exit 0 if the record matches now and the bundle is intact;
+                                             else exit 1, saying why (or that there is no bundle yet)
 
 The record lives beside the bundle (`BUNDLE.stamp`), not inside it: an export replaces the bundle.
 SOURCE is a file or a folder: the checkpoints and the code that exports and builds engines.
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "write":
         stamp_path(args.bundle).write_text(json.dumps(fingerprint(args.sources), indent=1, sort_keys=True) + "\n")
         return 0
+    if not args.bundle.exists():
+        print(f"{args.bundle} is not exported yet", file=sys.stderr)
+        return 1
     reasons = check(args.bundle, args.sources)
     for reason in reasons:
         print(f"{args.bundle} is out of date: {reason}", file=sys.stderr)

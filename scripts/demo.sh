@@ -13,7 +13,8 @@ if .venv/bin/python scripts/bundle_stamp.py check "$BUNDLE" "${SOURCES[@]}"; the
   echo "reusing $BUNDLE (its sources are unchanged)"
 else
   rm -f "$BUNDLE.stamp"  # stamped again only once both the export and the engine build succeed
-  "$APD" export --dllm models/arithmetic/dllm --verifier models/arithmetic/verifier -o "$BUNDLE" --overwrite --quiet
+  echo "exporting the bundled pair (models/arithmetic) to $BUNDLE and building its onnxruntime engine: about a minute"
+  "$APD" export --dllm models/arithmetic/dllm --verifier models/arithmetic/verifier -o "$BUNDLE" --overwrite
   "$APD" build-engine "$BUNDLE" --backend onnxruntime --quiet
   .venv/bin/python scripts/bundle_stamp.py write "$BUNDLE" "${SOURCES[@]}"
 fi
