@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="throughput runs of 1 and 2 replicas, alternated (1, 2, 1, 2, ...) against drift")
     parser.add_argument("--skip-overhead", action="store_true", help="only the throughput runs")
+    parser.add_argument("--skip-throughput", action="store_true", help="only the overhead run")
     parser.add_argument("--out", default="out/bench-ray")
     args = parser.parse_args()
     out = Path(args.out)
@@ -66,6 +67,8 @@ def main() -> None:
               f"single-process p50 {paired['baseline_p50_ms']:.1f} ms, difference {paired['overhead_ms']:.1f} ms "
               f"(median of the pairs); same answers: {paired['same_answers']}")
 
+    if args.skip_throughput:
+        return
     from ray.cluster_utils import Cluster
 
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="apdray-", dir="/tmp")

@@ -323,15 +323,15 @@ class Gateway:
                 async for message in response:
                     if message["type"] == "http.response.start":
                         started = True
-                        streaming = (b"content-type", b"text/event-stream; charset=utf-8") in message["headers"]
+                        streaming = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                        for k, v in message["headers"])
                     await send(message)
                 return
             except ray.exceptions.RayActorError:  # the replica's process or node died
                 if not started and attempt == 1:
                     continue  # nothing reached the client: the same request, to another replica
                 died = OpenAIError(503, "the replica answering this request stopped (its process or node died) and "
-                                   "the answer is incomplete; send the request again", code="replica_died",
-                                   headers={"Retry-After": "1"})
+                                   "the answer is incomplete; send the request again", code="replica_died")
                 if started:
                     event = f"data: {json.dumps(died.body())}\n\ndata: [DONE]\n\n" if streaming else ""
                     await send({"type": "http.response.body", "body": event.encode(), "more_body": False})
