@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 # What else shapes the exported graphs and engines besides the sources.
-TOOLS = ("apd-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime")
+TOOLS = ("apd-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "openvino")
 
 
 def _sha256(path: Path) -> str:
