@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from apd_deploy.cli import cli, main
 from apd_deploy.runtime import Runtime
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CLI_DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 MY_COMMANDS = ("generate", "eval", "bench", "build-engine", "serve", "bench-serve")
 NO_BUNDLE = "no-such-bundle"  # usage errors are found before a bundle is opened
 
@@ -181,7 +181,7 @@ def test_a_prompt_that_leaves_no_room_is_called_too_long(tiny_bundle):
     assert code == 1 and "use --max-new-tokens 1 or less" in err
 
 
-# 7. Diffusion steps beyond the new tokens are refused (not clamped: see the README).
+# 7. Diffusion steps beyond the new tokens are refused (not clamped: see docs/apd.md).
 def test_more_diffusion_steps_than_new_tokens_are_refused(runtime, tiny_bundle):
     from apd_deploy.errors import GenerationError
 
@@ -224,7 +224,7 @@ def test_the_seed_is_printed_without_json(tiny_bundle):
     assert "seed" not in run("generate", str(tiny_bundle), "--prompt-ids", "72,101", "--max-new-tokens", "6")[2]
 
 
-# 13. Help text for every option; the README's synopses list every flag.
+# 13. Help text for every option; the synopses in docs/cli.md list every flag.
 def _options(name: str) -> list[click.Option]:
     return [p for p in cli.commands[name].params if isinstance(p, click.Option) and p.name != "help"]
 
@@ -236,8 +236,8 @@ def test_every_option_has_help(name):
 
 
 @pytest.mark.parametrize("name", MY_COMMANDS)
-def test_readme_synopsis_lists_every_flag(name):
-    text = README.read_text()
+def test_cli_doc_synopsis_lists_every_flag(name):
+    text = CLI_DOC.read_text()
     start = re.search(rf"apd-deploy {re.escape(name)} (BUNDLE|URL)", text).start()
     synopsis = text[start : text.index("`", start)]
     flags = [flag for p in _options(name) for flag in p.opts + p.secondary_opts if flag.startswith("--")]
