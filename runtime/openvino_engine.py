@@ -63,8 +63,9 @@ class OpenVinoDecoder:
     first_verify_chunk = 8  # a CPU call costs its tokens: score the draft in growing chunks
     call_cost_tokens = 32
 
-    def __init__(self, compiled: Any, spec: DecoderSpec) -> None:
+    def __init__(self, compiled: Any, spec: DecoderSpec, blob: np.memmap | None = None) -> None:
         self.compiled, self.spec, self.xp = compiled, spec, np
+        self._blob = blob  # the memory map the compiled model's constants may live in
         self.request = compiled.create_infer_request()
         self._buffers = GrowingBuffers()
         self._arange = np.arange(spec.max_positions, dtype=np.int64)
@@ -118,7 +119,7 @@ def open_openvino(bundle: Path, name: str, record: dict[str, Any], specs: dict[s
     stale = blob_mismatch(name, record, ov.get_version(), cpu_isa())
     if stale:
         print(f"warning: {stale}", file=sys.stderr)
-    compiled = {}
+    compiled, blobs = {}, {}
     for role in specs:
         if stale:
             source = bundle / record["sources"][role]
@@ -127,8 +128,13 @@ def open_openvino(bundle: Path, name: str, record: dict[str, Any], specs: dict[s
                                   "the bundle, or build the engine again on the machine its blobs came from")
             compiled[role] = core.compile_model(str(source), "CPU", config)
         else:
-            compiled[role] = core.import_model((bundle / record["graphs"][role]).read_bytes(), "CPU", config)
-    return [{role: OpenVinoDecoder(compiled[role], spec) for role, spec in specs.items()} for _ in range(lanes)]
+            # Imported from a memory map, not read into memory: the compiled model keeps using the
+            # blob's pages for its constants, so the map lives as long as the model (`blobs`).
+            blob = np.memmap(bundle / record["graphs"][role], dtype=np.uint8, mode="c")
+            compiled[role] = core.import_model(ov.Tensor(blob, shared_memory=True), "CPU", config)
+            blobs[role] = blob
+    return [{role: OpenVinoDecoder(compiled[role], spec, blobs.get(role)) for role, spec in specs.items()}
+            for _ in range(lanes)]
 
 
 def blob_mismatch(name: str, record: dict[str, Any], version: str, isa: list[str]) -> str | None:

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_engine_call.py BUNDLE --engines onnxruntime-cpu-fp32,openvino-cpu-bf16 \
         [--threads 2] [--window 116] [--past 140] [--calls 5] [--rounds 2]
 
+`graphs` names the exported graphs on onnxruntime's CPU provider (no engine to build for a large pair).
 Each engine runs in a process of its own (so that its resident memory is its own), on the same
 inputs: `window` random token ids after a cache of `past` random positions (an APD step at W=16,
 M=100 feeds about 116), logits for every window row. Engines alternate over `rounds`, so drifting
@@ -22,11 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+GRAPHS = "graphs"  # the exported graphs on onnxruntime's CPU provider, no engine built
 
-def resident_mb() -> tuple[float, float]:
-    """This process's resident memory now and at its peak, in MB (Linux)."""
+
+def resident_mb() -> dict[str, int]:
+    """This process's resident memory in MB (Linux): all of it, its peak, and the anonymous part
+    (file-backed pages, such as a memory-mapped engine file, can be dropped and read again)."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    return {key: round(int(fields[field].split()[0]) / 1024) for key, field in
+            (("rss_mb", "VmRSS"), ("rss_peak_mb", "VmHWM"), ("rss_anonymous_mb", "RssAnon"))}
 
 
 def measure(bundle: str, engine: str, threads: int, window: int, past: int, calls: int, logits_out: str) -> dict:
@@ -34,9 +39,9 @@ def measure(bundle: str, engine: str, threads: int, window: int, past: int, call
     from apd_deploy.runtime.engine import EngineCall
 
     started = time.perf_counter()
-    runtime = Runtime.load(bundle, engine=engine, threads=threads, verify="skip")
+    runtime = Runtime.load(bundle, engine=None if engine == GRAPHS else engine, threads=threads, verify="skip")
     load_seconds = time.perf_counter() - started
-    rss_loaded, _ = resident_mb()
+    loaded = resident_mb()
     dllm = runtime.dllm
     rng = np.random.default_rng(0)
     cache = dllm.new_cache(past + window)
@@ -50,15 +55,15 @@ def measure(bundle: str, engine: str, threads: int, window: int, past: int, call
         ((logits, _),) = dllm.run([call])
         times.append(time.perf_counter() - started)
     np.save(logits_out, np.asarray(logits))
-    _, rss_peak = resident_mb()
     return {"engine": engine, "ms": round(float(np.median(times[1:])) * 1000, 2), "first_call_ms": round(times[0] * 1000, 1),
-            "load_s": round(load_seconds, 2), "rss_loaded_mb": round(rss_loaded), "rss_peak_mb": round(rss_peak)}
+            "load_s": round(load_seconds, 2), "loaded": loaded, "after_calls": resident_mb()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle")
-    parser.add_argument("--engines", required=True, help="comma-separated engine names; the first is the reference")
+    parser.add_argument("--engines", required=True,
+                        help=f"comma-separated engine names ('{GRAPHS}': the exported graphs); the first is the reference")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--window", type=int, default=116)
     parser.add_argument("--past", type=int, default=140)
