@@ -18,7 +18,20 @@ class ExportCheckError(ApdDeployError):
 
 
 class GenerationError(ApdDeployError):
-    """Generation parameters or a prompt that cannot be run as given."""
+    """Generation parameters or a prompt that cannot be run as given.
+
+    `param` names the parameter at fault by its Python keyword (e.g. 'kv_window'), and the message
+    refers to it as `{name}`: each front end fills in its own name for it (`in_terms_of`), a flag on
+    the command line, a body field over HTTP; `str()` gives the keyword, as the Python API takes it.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        self.template, self.param = message, param
+        super().__init__(self.in_terms_of(param))
+
+    def in_terms_of(self, name: str | None) -> str:
+        """The message with the parameter called `name` (a flag, a body field)."""
+        return self.template.replace("{name}", name or "") if self.param else self.template
 
 
 class BackendUnavailable(ApdDeployError):
