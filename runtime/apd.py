@@ -1,4 +1,4 @@
-"""Adaptive Parallel Decoding (../shared/APD.md, "One decoding run"): the dLLM drafts up to M
+"""Adaptive Parallel Decoding (docs/apd.md, "One decoding run"): the dLLM drafts up to M
 masked positions in one pass, the AR verifier scores the draft, and the longest prefix on which
 the draft equals a sample of the mixture R·dLLM + (1-R)·AR is committed."""
 

@@ -1,5 +1,5 @@
 """A deliberately naive PyTorch implementation of the decoding algorithms, written from
-../shared/APD.md line by line (torch tensors, caches concatenated and cropped, prefixes
+docs/apd.md line by line (torch tensors, caches concatenated and cropped, prefixes
 recomputed), on the PyTorch models of the export step. The runtime must match it token for
 token at temperature 0. Shares no code with the runtime."""
 
