@@ -55,9 +55,6 @@ class KVSlots:
         shape = (slots, layers, 2, kv_heads, max(capacity, 1), head_dim)
         self.xp = xp
         self.buffer = xp.zeros(shape, dtype=dtype)
-        # Where the rows of a call whose requests are not in consecutive slots are gathered (the
-        # verifier's later chunks, which only the requests without a rejection yet make).
-        self.gathered = xp.zeros(shape, dtype=dtype)
         self.capacity = capacity
 
     def cache(self, slot: int, capacity: int) -> KVCache:
@@ -78,7 +75,9 @@ class KVSlots:
 def stacked_past(caches: Sequence[KVCache], past_len: int):
     """The caches of one call as one [batch, ...] buffer whose first `past_len` positions per row
     are each cache's (and whatever follows, masked): for one cache its own buffer, for rows of
-    consecutive slots of one KVSlots a view of them; otherwise their rows gathered."""
+    consecutive slots of one KVSlots a view of them; otherwise their rows gathered into a buffer of
+    `past_len` positions (the verifier's later chunks, which only the requests without a rejection
+    yet make, skip slots)."""
     first = caches[0]
     if len(caches) == 1:
         return first.buffer
@@ -87,6 +86,8 @@ def stacked_past(caches: Sequence[KVCache], past_len: int):
         raise ValueError("caches decoded together must be rows of one KVSlots buffer")
     if all(c.slot == first.slot + i for i, c in enumerate(caches)):
         return slots.buffer[first.slot : first.slot + len(caches)]
+    buffer = slots.buffer  # zeros below, not empty: the masked positions must hold finite numbers
+    gathered = slots.xp.zeros((len(caches), *buffer.shape[1:4], max(past_len, 1), buffer.shape[5]), buffer.dtype)
     for i, cache in enumerate(caches):
-        slots.gathered[i, ..., : cache.length, :] = slots.buffer[cache.slot, ..., : cache.length, :]
-    return slots.gathered[: len(caches)]
+        gathered[i, ..., : cache.length, :] = buffer[cache.slot, ..., : cache.length, :]
+    return gathered

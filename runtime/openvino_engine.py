@@ -84,9 +84,9 @@ class OpenVinoDecoder:
     def _feed(self, calls: Sequence[EngineCall]) -> tuple[dict[str, np.ndarray], list[int]]:
         """The bucketed inputs of one call for every request of `calls` (a batch row each)."""
         caches = [call.cache for call in calls]
-        past_kv = stacked_past(caches, max(cache.length for cache in caches))
+        past = bucket_past(max(cache.length for cache in caches), caches[0].buffer.shape[-2])
+        past_kv = stacked_past(caches, past)
         batch, window = len(calls), bucket_window(max(call.ids.shape[-1] for call in calls))
-        past = bucket_past(max(cache.length for cache in caches), past_kv.shape[-2])
         ids = self._buffers.get("input_ids", (batch, window))
         positions = self._buffers.get("position_ids", (batch, window))
         mask = self._buffers.get("attention_mask", (batch, past + window))

@@ -265,6 +265,9 @@ def test_cache_rows_of_consecutive_slots_are_handed_over_without_a_copy():
     assert np.shares_memory(view, slots.buffer) and view.shape[0] == 2
     gathered = stacked_past([caches[3], caches[0]], 5)
     assert not np.shares_memory(gathered, slots.buffer)
+    assert gathered.shape == (2, 2, 2, 1, 5, 3)  # sized for the call, not a second copy of every slot
+    held = [v for v in vars(slots).values() if isinstance(v, np.ndarray)]
+    assert sum(a.nbytes for a in held) == slots.buffer.nbytes
     assert (gathered[0, ..., :5, :] == 4).all() and (gathered[1, ..., :2, :] == 1).all()
     slots.move(caches[3], 1)  # the last request takes a freed slot, its cache with it
     assert caches[3].slot == 1 and (slots.buffer[1, ..., :5, :] == 4).all() and caches[3].length == 5
