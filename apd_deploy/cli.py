@@ -13,16 +13,16 @@ import click
 
 from apd_deploy import __version__
 from apd_deploy.bench.concurrency import parse_levels
-from apd_deploy.bench.runner import parse_sweeps
+from apd_deploy.bench.runner import parse_sweep
 from apd_deploy.bundle import VERIFY_MODES
-from apd_deploy.cli_options import (CONTEXT, THREADS_BOUND, IntList, ThreadCount, apd_options, library_checked,
-                                    library_parsed, local_threads_option, sampling_options, threads_option)
+from apd_deploy.cli_options import (CONTEXT, THREADS_BOUND, IntList, Parsed, ThreadCount, apd_options, in_cli_terms,
+                                    local_threads_option, param_option, param_options, sampling_options,
+                                    threads_option)
 from apd_deploy.cli_progress import counted, progress_bar
 from apd_deploy.engines.build import BACKENDS, DEVICES, PRECISIONS
 from apd_deploy.errors import ApdDeployError, GenerationError
-from apd_deploy.evaluation import DEFAULT_ALGS, TASKS, parse_algs
-from apd_deploy.runtime.diffusion import ORDERS
-from apd_deploy.runtime.params import ALGORITHMS, DEFAULT_MAX_NEW_TOKENS
+from apd_deploy.evaluation import DEFAULT_ALGS, TASKS, AlgSpec, parse_algs
+from apd_deploy.runtime.params import group
 from apd_deploy.server.ray_serve import parse_autoscale
 from apd_deploy.tasks import arithmetic
 
@@ -30,6 +30,8 @@ EXPORT_INSTALL_HINT = "install the export extra: pip install torch==2.13.0 'apd-
 # click 8.2+ reports a bare `apd-deploy` as a usage error whose message is the whole help (8.1 just
 # prints the help); it is shown as it is, not as an `error:` line.
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+ALGS = Parsed(parse_algs, "algs")
+LEVELS = Parsed(parse_levels, "levels")
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -40,7 +42,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except ApdDeployError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {in_cli_terms(exc) if isinstance(exc, GenerationError) else exc}", err=True)
             sys.exit(1)
         except ModuleNotFoundError as exc:
             if exc.name in ("torch", "transformers", "safetensors", "onnx", "onnxscript"):
@@ -177,18 +179,7 @@ CHUNK_COLOURS = ("cyan", "yellow")
 @click.argument("bundle", type=click.Path())
 @click.option("--prompt", help="Prompt text (needs a bundle with a tokenizer).")
 @click.option("--prompt-ids", type=IntList(0, "token id", "1,2,3"), help="Prompt as comma-separated token ids, e.g. 1,2,3.")
-@click.option("--alg", type=click.Choice(ALGORITHMS), default="apd", show_default=True,
-              help="apd, or a baseline: leftright (the dLLM, K tokens per step), diffusion (Dream's own), ar (the verifier).")
-@apd_options
-@click.option("--tokens-per-step", type=click.IntRange(min=1), help="K: tokens per step for --alg leftright  [default: 1]")
-@click.option("--steps", type=click.IntRange(min=1),
-              help="Steps for --alg diffusion, at most --max-new-tokens  [default: --max-new-tokens]")
-@click.option("--diffusion-order", type=click.Choice(ORDERS),
-              help="Which positions --alg diffusion decides first: the dLLM's surest by this measure  [default: confidence]")
-@sampling_options
-@click.option("--max-new-tokens", type=click.IntRange(min=1),
-              help=f"Tokens to generate at most  [default: {DEFAULT_MAX_NEW_TOKENS}, or fewer if the models' "
-                   "positions leave less room after the prompt]")
+@param_options("alg", *group("apd"), "tokens_per_step", "steps", "diffusion_order", *group("sampling"), "max_new_tokens")
 @click.option("--chat", is_flag=True, help="Wrap the --prompt text in the tokenizer's chat template.")
 @click.option("--engine", help="An engine of the bundle (apd-deploy build-engine)  [default: the ONNX graphs on the CPU]")
 @click.option("--array-backend", type=click.Choice(["numpy", "cupy"]),
@@ -287,7 +278,7 @@ def build_engine_command(bundle: str, backend: str, device: str | None, precisio
 @click.option("--split", type=click.Choice(list(arithmetic.SPLITS)), default="test", show_default=True,
               help="Which of the task's problems.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=200, show_default=True, help="Problems per algorithm.")
-@click.option("--algs", default=DEFAULT_ALGS, show_default=True, callback=library_checked(parse_algs),
+@click.option("--algs", type=ALGS, default=DEFAULT_ALGS, show_default=True,
               help="Comma-separated; leftright:K commits K tokens per step, diffusion:S takes S steps.")
 @apd_options
 @sampling_options
@@ -303,7 +294,7 @@ def build_engine_command(bundle: str, backend: str, device: str | None, precisio
                    "threads and its own copy of the weights.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per algorithm, one per line.")
 @user_errors
-def eval_command(bundle: str, task: str, split: str, n: int, algs: str, lengths: list[int] | None, engine: str | None,
+def eval_command(bundle: str, task: str, split: str, n: int, algs: list[AlgSpec], lengths: list[int] | None, engine: str | None,
                  threads: int | None, batch_size: int, lanes: int, as_json: bool, **params: Any) -> None:
     """Solve task problems with each algorithm; report accuracy, tokens per step, forwards, speed."""
     from apd_deploy.evaluation import format_table, plan, run
@@ -369,7 +360,7 @@ def _names(value: str) -> tuple[str, ...]:
               help="Run the server as Ray Serve replicas behind one endpoint (pip install 'apd-deploy[ray]'); "
               "each replica reserves --threads CPUs  [default with --ray: 1 thread].")
 @click.option("--replicas", type=click.IntRange(min=1), help="With --ray: how many replicas  [default: 1]")
-@click.option("--autoscale", callback=library_parsed(parse_autoscale),
+@click.option("--autoscale", type=Parsed(parse_autoscale, "MIN:MAX"),
               help="With --ray: MIN:MAX replicas, grown and shrunk with the requests in flight (target: a full "
               "batch per replica).")
 @click.option("--ray-address", envvar="RAY_ADDRESS",
@@ -427,7 +418,7 @@ def serve_command(bundle: str, engine: str | None, host: str, port: int, max_bat
 
 @cli.command("bench-serve", context_settings=CONTEXT)
 @click.argument("url")
-@click.option("--concurrency", "levels", default="1,4,16", show_default=True, callback=library_checked(parse_levels),
+@click.option("--concurrency", "levels", type=LEVELS, default="1,4,16", show_default=True,
               help="Concurrent clients per level, comma-separated.")
 @click.option("--requests", type=click.IntRange(min=1), default=64, show_default=True, help="Requests per level.")
 @click.option("--stream", is_flag=True, help="Stream the answers (time to first token from the first chunk).")
@@ -447,7 +438,7 @@ def serve_command(bundle: str, engine: str | None, host: str, port: int, max_bat
 @click.option("--out", type=click.Path(file_okay=False), default="bench-serve-results", show_default=True,
               help="Directory for results.json, results.csv and serve_vs_concurrency.png.")
 @user_errors
-def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task: str | None, prompts_file: str | None,
+def bench_serve_command(url: str, levels: list[int], requests: int, stream: bool, task: str | None, prompts_file: str | None,
                         max_tokens: int, model: str | None, api_key: str | None, compare_bundle: str | None,
                         engine: str | None, compare_url: str | None, threads: int | None, out: str) -> None:
     """Load a running server (apd-deploy serve, or any OpenAI-compatible one) at URL; JSON, CSV, PNG."""
@@ -478,16 +469,16 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
     url = url.rstrip("/")
     check_reachable(url)
     rows = []
-    bar = progress_bar(requests * len(parse_levels(levels)), "loading the server", "request")
+    bar = progress_bar(requests * len(levels), "loading the server", "request")
     with bar:
-        for level in parse_levels(levels):
+        for level in levels:
             samples, seconds = run_level(url, jobs, level, requests, stream, api_key, progress=lambda: bar.update(1))
             check_answered(level, samples)
             rows.append(summarise(level, samples, seconds, jobs, extract))
     base = next((r for r in rows if r.concurrency == 1), None)
     for row in rows:
         row.speedup_vs_level_1 = row.tokens_per_second / base.tokens_per_second if base and base.tokens_per_second else None
-    settings: dict[str, Any] = {"url": url, "concurrency": parse_levels(levels), "requests": requests, "stream": stream,
+    settings: dict[str, Any] = {"url": url, "concurrency": levels, "requests": requests, "stream": stream,
                                 "task": None if prompts_file else task or "arithmetic", "prompts": prompts_file,
                                 "max_tokens": max_tokens}
     click.echo(format_serve(rows))
@@ -504,23 +495,23 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
 
 @cli.command("bench", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
-@click.option("--algs", callback=library_checked(parse_algs),
+@click.option("--algs", type=ALGS,
               help="Comma-separated, as for eval: leftright:K commits K tokens per step, diffusion:S takes S steps  "
                    "[default: apd,leftright:1,ar; with --concurrency: apd]")
-@click.option("--concurrency", "levels", callback=library_checked(parse_levels),
+@click.option("--concurrency", "levels", type=LEVELS,
               help="Instead: throughput against concurrent requests, e.g. 1,2,4,8,16 (each level through one "
                    "batched scheduler with that max batch, plus the requests one by one alone).")
 @click.option("--lanes", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --concurrency or --batch-size on a CPU engine: scheduling loops side by side, each with "
                    "threads/lanes threads and its own copy of the weights.")
-@click.option("--sweep", "sweeps", multiple=True, callback=library_checked(lambda values: parse_sweeps(list(values))),
-              help="APD parameter values, e.g. kv_window=4,16,64 (repeatable; apd_mixture_weight, kv_window, max_lookahead).")
+@click.option("--sweep", "sweeps", multiple=True, type=Parsed(parse_sweep, "NAME=V1,V2"),
+              help=f"APD parameter values, e.g. kv_window=4,16,64 (repeatable; {', '.join(group('apd'))}).")
 @click.option("--task", type=click.Choice(sorted(TASKS)), help="Prompts from a task's test problems (accuracy is measured).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
               help="A file of text prompts, one per line.")
 @click.option("--random-prompts", type=click.IntRange(min=1), help="N random 16-token prompts.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=20, show_default=True, help="Problems, with --task.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Tokens per prompt  [default: the task's, else 256]")
+@param_option("max_new_tokens", help="Tokens per prompt  [default: the task's, else 256]")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
               help="Runs per configuration (median and range).")
 @click.option("--threads", type=ThreadCount(),
@@ -536,7 +527,8 @@ def bench_serve_command(url: str, levels: str, requests: int, stream: bool, task
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True,
               help="Directory for results.json, results.csv and the plots.")
 @user_errors
-def bench_command(bundle: str, algs: str | None, levels: str | None, lanes: int, sweeps: tuple[str, ...], task: str | None,
+def bench_command(bundle: str, algs: list[AlgSpec] | None, levels: list[int] | None, lanes: int,
+                  sweeps: tuple[tuple[str, list], ...], task: str | None,
                   prompts_file: str | None, random_prompts: int | None, n: int, max_new_tokens: int | None, repeat: int,
                   threads: int | None, engine: str | None, eager: bool, eager_device: str, step_profile: bool,
                   out: str) -> None:
@@ -562,13 +554,13 @@ def bench_command(bundle: str, algs: str | None, levels: str | None, lanes: int,
     prompts = load_prompts(runtime, task, prompts_file, random_prompts, n)
     max_new_tokens = max_new_tokens or default_max_new_tokens(task)
     if levels:
-        bench_concurrency(runtime, parse_levels(levels), lanes, algs or "apd", prompts, max_new_tokens, repeat, task,
+        bench_concurrency(runtime, levels, lanes, algs or parse_algs("apd"), prompts, max_new_tokens, repeat, task,
                           {"bundle": bundle, "engine": engine, "threads": threads, "lanes": lanes, "task": task,
                            "prompts": prompts_file, "random_prompts": random_prompts, "n": len(prompts),
                            "max_new_tokens": max_new_tokens, "repeat": repeat}, Path(out))
         return
-    algs = algs or "apd,leftright:1,ar"
-    check_benchmark(runtime, algs, list(sweeps), prompts, max_new_tokens, repeat)
+    algs, grid = algs or parse_algs("apd,leftright:1,ar"), dict(sweeps)
+    check_benchmark(runtime, algs, grid, prompts, max_new_tokens, repeat)
     eager_loop = None
     if eager:
         from apd_deploy.bench.eager import EagerAPD
@@ -578,9 +570,10 @@ def bench_command(bundle: str, algs: str | None, levels: str | None, lanes: int,
                               runtime.manifest["export"]["dtype"])
     bar = progress_bar(None, "benchmarking", "generation")
     with bar:
-        results = benchmark(runtime, algs, list(sweeps), prompts, max_new_tokens, repeat, task, eager_loop,
+        results = benchmark(runtime, algs, grid, prompts, max_new_tokens, repeat, task, eager_loop,
                             progress_total=lambda total: setattr(bar, "length", total), progress=lambda: bar.update(1))
-    settings = {"bundle": bundle, "engine": engine, "threads": threads, "algs": algs, "sweeps": list(sweeps),
+    settings = {"bundle": bundle, "engine": engine, "threads": threads, "algs": ",".join(a.label for a in algs),
+                "sweeps": [f"{name}={','.join(map(str, values))}" for name, values in grid.items()],
                 "task": task, "prompts": prompts_file, "random_prompts": random_prompts, "n": len(prompts),
                 "max_new_tokens": max_new_tokens, "repeat": repeat, "eager_device": eager_device if eager else None}
     if step_profile:
@@ -595,16 +588,16 @@ def bench_command(bundle: str, algs: str | None, levels: str | None, lanes: int,
     click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
 
 
-def bench_concurrency(runtime: Any, levels: list[int], lanes: int, algs: str, prompts: list, max_new_tokens: int,
+def bench_concurrency(runtime: Any, levels: list[int], lanes: int, algs: list[AlgSpec], prompts: list, max_new_tokens: int,
                       repeat: int, task: str | None, settings: dict[str, Any], out: Path) -> None:
     """`bench --concurrency`: one configuration (the only one in --algs) at each level."""
     from apd_deploy.bench.concurrency import benchmark_concurrency, format_levels
     from apd_deploy.bench.report import write_levels
     from apd_deploy.bench.runner import check_benchmark
 
-    configs = check_benchmark(runtime, algs, [], prompts, max_new_tokens, repeat)
+    configs, names = check_benchmark(runtime, algs, {}, prompts, max_new_tokens, repeat), ",".join(a.label for a in algs)
     if len(configs) != 1:
-        raise click.UsageError(f"--concurrency measures one configuration; --algs names {len(configs)}: {algs}")
+        raise click.UsageError(f"--concurrency measures one configuration; --algs names {len(configs)}: {names}")
     (config,) = configs
     params = {"alg": config.alg, "max_new_tokens": max_new_tokens, **config.params}
     extract = TASKS[task].extract_answer if task else None
@@ -613,6 +606,7 @@ def bench_concurrency(runtime: Any, levels: list[int], lanes: int, algs: str, pr
         rows = benchmark_concurrency(runtime, levels, prompts, params, repeat, extract, lanes,
                                      progress_total=lambda total: setattr(bar, "length", total),
                                      progress=lambda: bar.update(1))
-    written = write_levels(out, {**settings, "algs": algs, "concurrency": levels}, rows)
+    written = write_levels(out, {**settings, "algs": names, "concurrency": levels}, rows)
     click.echo(format_levels(rows))
     click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+

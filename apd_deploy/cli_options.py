@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from apd_deploy.errors import GenerationError
-from apd_deploy.runtime.params import SEED_LIMIT
+from apd_deploy.runtime.params import PARAM, group
 from apd_deploy.runtime.threads import THREADS_PER_CORE, too_many_threads
 
 # -h as well as --help, on the group and on every command.
@@ -51,63 +52,52 @@ class IntList(click.ParamType):
         return [int(item) for item in items]
 
 
-def library_checked(check: Any) -> Any:
-    """A click callback that runs `check` (a library function that raises GenerationError naming the
-    option) on the value, turning its error into a usage error; the value passes on unchanged."""
-
-    def unchanged(value: Any) -> Any:
-        check(value)
-        return value
-
-    return library_parsed(unchanged)
+def flag_of(keyword: str) -> str:
+    """What the command line calls a parameter: its flag (the keyword where it has none)."""
+    param = PARAM.get(keyword)
+    return param.flag if param is not None and param.flag else keyword
 
 
-def library_parsed(parse: Any) -> Any:
-    """A click callback that turns the value into `parse(value)`; a GenerationError (which names
-    the option) becomes a usage error."""
+def in_cli_terms(exc: GenerationError) -> str:
+    """The error's message naming flags."""
+    return exc.in_terms_of(flag_of(exc.param or ""), flag_of)
 
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+
+class Parsed(click.ParamType):
+    """A value parsed once, by a library function that raises GenerationError (a usage error here)."""
+
+    def __init__(self, parse: Callable[[str], Any], name: str) -> None:
+        self.parse, self.name = parse, name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):  # click's contract: converting a converted value returns it
+            return value
         try:
-            return None if value is None else parse(value)
+            return self.parse(value)
         except GenerationError as exc:
-            raise click.UsageError(str(exc), ctx) from None
-
-    return callback
+            raise click.UsageError(in_cli_terms(exc), ctx) from None
 
 
-def apd_options(command: Any) -> Any:
-    """R, W and M, as generate and eval take them."""
-    options = [
-        click.option("--apd-mixture-weight", "apd_mixture_weight", type=FiniteFloat(0, 1),
-                     help="R: the dLLM's weight in the acceptance target; 1 accepts every drafted token  "
-                          "[default: the bundle's, 0.7]"),
-        click.option("--kv-window", type=click.IntRange(min=1),
-                     help="W: committed positions the dLLM recomputes each step  [default: the bundle's, 16]"),
-        click.option("--max-lookahead", type=click.IntRange(min=1),
-                     help="M: masked positions drafted and verified per step, at most  [default: the bundle's, 100]"),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def param_option(name: str, **changes: Any) -> Callable[[Any], Any]:
+    """The option of a generation parameter, as the table declares it (`changes`: this command's)."""
+    p = PARAM[name]
+    kind = (click.Choice(p.choices) if p.choices else click.IntRange(p.low, p.high) if p.type is int
+            else FiniteFloat(p.low, p.high, min_open=p.low_open))
+    return click.option(p.flag, p.name, **{"type": kind, "default": None if p.group == "apd" else p.default,
+                                           "help": f"{p.help}  [default: {p.default_text}]", **changes})
 
 
-def sampling_options(command: Any) -> Any:
-    """Temperature, top-p, top-k and seed, as generate and eval take them."""
-    options = [
-        click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
-                     help="Sampling temperature; 0 takes the most likely token everywhere (no randomness)."),
-        click.option("--top-p", type=FiniteFloat(0, 1, min_open=True),
-                     help="At T > 0, sample only among the most likely tokens whose probabilities add up to P.  "
-                          "[default: no limit]"),
-        click.option("--top-k", type=click.IntRange(min=1),
-                     help="At T > 0, sample only among the K most likely tokens.  [default: no limit]"),
-        click.option("--seed", type=click.IntRange(0, SEED_LIMIT - 1),
-                     help="Random seed for T > 0: the same seed gives the same tokens  "
-                          "[default: a fresh one, printed with the statistics]"),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def param_options(*names: str) -> Callable[[Any], Any]:
+    def decorate(command: Any) -> Any:
+        for name in reversed(names):
+            command = param_option(name)(command)
+        return command
+
+    return decorate
+
+
+apd_options = param_options(*group("apd"))  # R, W and M, as generate and eval take them
+sampling_options = param_options(*group("sampling"))
 
 
 class ThreadCount(click.IntRange):

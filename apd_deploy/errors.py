@@ -1,5 +1,11 @@
 """Errors the user can act on: the CLI prints their message as one line, never a traceback."""
 
+import re
+from collections.abc import Callable
+
+# `{name}`: the parameter at fault; `{max_new_tokens}`: another one a message names beside it.
+PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+
 
 class ApdDeployError(Exception):
     """Bad input or an unmet requirement; the message names the file, the field and the fix."""
@@ -23,15 +29,19 @@ class GenerationError(ApdDeployError):
     `param` names the parameter at fault by its Python keyword (e.g. 'kv_window'), and the message
     refers to it as `{name}`: each front end fills in its own name for it (`in_terms_of`), a flag on
     the command line, a body field over HTTP; `str()` gives the keyword, as the Python API takes it.
+    A message may name a second parameter by its keyword in braces (`{max_new_tokens}`).
     """
 
     def __init__(self, message: str, param: str | None = None) -> None:
         self.template, self.param = message, param
         super().__init__(self.in_terms_of(param))
 
-    def in_terms_of(self, name: str | None) -> str:
-        """The message with the parameter called `name` (a flag, a body field)."""
-        return self.template.replace("{name}", name or "") if self.param else self.template
+    def in_terms_of(self, name: str | None, name_of: Callable[[str], str] = str) -> str:
+        """The message with the parameter called `name` (a flag, a body field), any other it names
+        called `name_of(keyword)`."""
+        if not self.param:
+            return self.template
+        return PLACEHOLDER.sub(lambda m: (name or "") if m[1] == "name" else name_of(m[1]), self.template)
 
 
 class BackendUnavailable(ApdDeployError):

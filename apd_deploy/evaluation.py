@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from apd_deploy.errors import GenerationError
-from apd_deploy.runtime.params import ALGORITHMS, check_integer
+from apd_deploy.runtime.params import ALGORITHMS, PARAM, check_integer
 from apd_deploy.tasks import arithmetic
 
 if TYPE_CHECKING:
@@ -30,7 +30,9 @@ ALG_NUMBER = re.compile(r"[1-9][0-9]*")
 
 @dataclass(frozen=True)
 class AlgSpec:
-    label: str
+    """A configuration that eval and bench run: an algorithm and its own parameters."""
+
+    label: str  # as --algs names it ('leftright:4'), or bench's sweep point ('apd R=0.5 W=4')
     alg: str
     params: dict[str, Any]
 
@@ -88,7 +90,8 @@ class EvalPlan:
     runs: list[tuple[AlgSpec, dict[str, Any]]]
 
 
-def plan(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
+def plan(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200,
+         algs: str | list[AlgSpec] = DEFAULT_ALGS,
          params: dict[str, Any] | None = None, lengths: list[int] | None = None) -> EvalPlan:
     """Check every argument against the runtime before any problem is solved. lengths: the
     max_new_tokens to run each algorithm at (default: the task's, or params' max_new_tokens)."""
@@ -99,14 +102,14 @@ def plan(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int
         raise GenerationError(f"--split must be one of {', '.join(arithmetic.SPLITS)}, got {split!r}")
     if runtime.tokenizer is None:
         raise GenerationError(f"{runtime.bundle}: the bundle has no tokenizer; task prompts are text")
-    specs = parse_algs(algs)
+    specs = parse_algs(algs) if isinstance(algs, str) else algs
     params = {"max_new_tokens": TASK_MAX_NEW_TOKENS[task], **{k: v for k, v in (params or {}).items() if v is not None}}
     problems = list(itertools.islice(TASKS[task].problems(split), n))
     chat = bool(runtime.tokenizer.chat_template)
     prompts = [runtime.prompt_ids(p.question, chat=chat) for p in problems]
     longest = max(len(p) for p in prompts)
     for length in lengths or []:
-        check_integer("--max-new-tokens", length, 1)
+        PARAM["max_new_tokens"].check(length)
     runs = []
     for length in dict.fromkeys(lengths or [params["max_new_tokens"]]):  # in order, once each
         shared = {**params, "max_new_tokens": length}
@@ -116,7 +119,7 @@ def plan(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int
             try:
                 runtime.fit(runtime.params(alg=spec.alg, **chosen), longest)
             except GenerationError as exc:
-                raise GenerationError(f"--algs '{spec.label}': {exc}") from None
+                raise GenerationError(f"--algs '{spec.label}': {exc.template}", exc.param) from None
             runs.append((spec, chosen))
     return EvalPlan(task, problems, prompts, runs)
 
@@ -155,7 +158,8 @@ def _solve(runtime: Runtime, prompts: list[np.ndarray], params: dict[str, Any], 
     return runtime.generate_many(prompts, max_batch=batch_size, lanes=lanes, progress=progress, **params)
 
 
-def evaluate(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200, algs: str = DEFAULT_ALGS,
+def evaluate(runtime: Runtime, task: str = "arithmetic", split: str = "test", n: int = 200,
+             algs: str | list[AlgSpec] = DEFAULT_ALGS,
              params: dict[str, Any] | None = None, progress: Callable[[], None] = lambda: None,
              batch_size: int = 1, lanes: int = 1, lengths: list[int] | None = None) -> list[AlgResult]:
     """`plan`, then `run`: every argument is checked before the first problem is solved."""

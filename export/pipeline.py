@@ -28,12 +28,13 @@ from apd_deploy.export.carry_engines import carry_engines
 from apd_deploy.export.checkpoint import CheckpointFiles, inspect_checkpoint, load_checkpoint
 from apd_deploy.export.graph_io import graph_io
 from apd_deploy.export.trace import release_weights, trace_to_onnx
+from apd_deploy.runtime.params import group
 from apd_deploy.staging import check_destination, staged_directory
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_ELEMENT_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_OPSET = 18
-APD_DEFAULTS = {"apd_mixture_weight": 0.7, "kv_window": 16, "max_lookahead": 100}
+APD_DEFAULTS = {name: param.default for name, param in group("apd").items()}  # R, W, M: the manifest's apd_defaults
 KV_LAYOUT = "[batch, num_layers, 2, num_kv_heads, capacity, head_dim]; past_kv's first total_len - seq_len positions are read"
 
 Report = Callable[[str], None]

@@ -1,14 +1,16 @@
-"""Generation parameters, checked once before any engine call.
+"""Generation parameters: one declaration each (`PARAMS`), the owner of its name, type, range,
+default and help. The runtime's checks, the command line's options, the server's body fields,
+bench's sweeps and plot axes and the manifest's APD defaults all come from it.
 
-The Python API gets the same checks as the command line (where click refuses most of these
-values first), so a service calling `Runtime.generate` gets a GenerationError, never a traceback
-from deep inside the loop.
+A check's GenerationError names the parameter as `{name}` (`param`: its keyword): the command line
+says the flag, the server the body field, the Python API the keyword. The Python API gets the same
+checks as the command line, so a service calling `Runtime.generate` gets a GenerationError, never a
+traceback from deep inside the loop.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,7 @@ from apd_deploy.runtime.diffusion import ORDERS
 from apd_deploy.runtime.sampling import SamplingParams
 
 ALGORITHMS = ("apd", "leftright", "diffusion", "ar")
-# Without --max-new-tokens: this many new tokens, or fewer when the prompt leaves less room.
+# Without max_new_tokens: this many new tokens, or fewer when the prompt leaves less room.
 DEFAULT_MAX_NEW_TOKENS = 128
 # Seeds are reported and reused by other programs: keep them within a signed 64-bit integer.
 SEED_LIMIT = 2**63
@@ -33,70 +35,138 @@ def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_integer(flag: str, value: Any, low: int, high: int | None = None) -> None:
-    """Raise GenerationError unless `value` is an integer in [low, high] (no upper bound if None)."""
-    if not is_integer(value):
-        raise GenerationError(f"{flag} must be an integer, got {value!r}")
-    if value < low:
-        raise GenerationError(f"{flag} must be at least {low}, got {value}")
-    if high is not None and value > high:
-        raise GenerationError(f"{flag} must be at most {high}, got {value}")
+def check_integer(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Raise GenerationError unless `value` is an integer in [low, high] (no upper bound if None):
+    a setting outside the table (threads, --repeat)."""
+    Param(name, int, low, "", "", low=low, high=high).check(value)
 
 
-def check_number(flag: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
-    """Raise GenerationError unless `value` is a finite number for which `ok` holds."""
-    if not is_finite_number(value):
-        raise GenerationError(f"{flag} must be a finite number, got {value!r}")
-    if not ok(value):
-        raise GenerationError(f"{flag} must be {allowed}, got {value}")
+@dataclass(frozen=True)
+class Param:
+    """One generation parameter."""
+
+    name: str  # the keyword of Runtime.generate
+    type: type  # int, float, str or bool
+    default: Any  # None: settled later, as `default_help` says
+    help: str  # one line, for --help
+    # apd: R, W, M (the bundle's defaults, which bench sweeps); decoding: the algorithm's other
+    # settings; sampling: SamplingParams'; length: how many tokens
+    group: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # `low` itself is out of range
+    choices: tuple[str, ...] = ()
+    default_help: str | None = None  # the default in words, where it is not `default` itself
+    cli: bool = True  # a command-line option, --name-with-dashes
+    http_field: str | None = ""  # the request body's field: "" the keyword, None not taken over HTTP
+    label: str | None = None  # a plot axis, its first word the short name: "W (KV window)"
+
+    @property
+    def flag(self) -> str | None:
+        return f"--{self.name.replace('_', '-')}" if self.cli else None
+
+    @property
+    def field(self) -> str | None:
+        return self.name if self.http_field == "" else self.http_field
+
+    @property
+    def default_text(self) -> str:
+        """The default as --help shows it."""
+        return self.default_help or (f"the bundle's, {self.default}" if self.group == "apd" else str(self.default))
+
+    def check(self, value: Any, high: float | None = None) -> None:
+        """Raise GenerationError (`param`: this one) unless `value` is in range; `high` tightens
+        the upper bound (a server's limit). None is fine where the default is None."""
+        if value is None and self.default is None:
+            return
+        high = self.high if high is None else high
+
+        def refuse(message: str) -> None:
+            raise GenerationError(message, self.name)
+
+        if self.choices:
+            if value not in self.choices:
+                refuse(f"{{name}} must be one of {', '.join(self.choices)}, got {value!r}")
+        elif self.type is bool:
+            if not isinstance(value, bool):
+                refuse(f"{{name}} must be true or false, got {value!r}")
+        elif self.type is int:
+            if not is_integer(value):
+                refuse(f"{{name}} must be an integer, got {value!r}")
+            if value < self.low:
+                refuse(f"{{name}} must be at least {self.low}, got {value}")
+            if high is not None and value > high:
+                refuse(f"{{name}} must be at most {high}, got {value}")
+        elif not is_finite_number(value):
+            refuse(f"{{name}} must be a finite number, got {value!r}")
+        elif value < self.low or value == self.low and self.low_open or high is not None and value > high:
+            allowed = (f"at least {self.low:g}" if high is None else
+                       f"in {'(' if self.low_open else '['}{self.low:g}, {high:g}]")
+            refuse(f"{{name}} must be {allowed}, got {value}")
+
+
+PARAMS: tuple[Param, ...] = (
+    Param("alg", str, "apd", "apd, or a baseline: leftright (the dLLM, K tokens per step), diffusion (Dream's own), "
+          "ar (the verifier).", "decoding", choices=ALGORITHMS),
+    Param("max_new_tokens", int, None, "Tokens to generate at most", "length", low=1, http_field="max_tokens",
+          default_help=f"{DEFAULT_MAX_NEW_TOKENS}, or fewer if the models' positions leave less room after the prompt"),
+    Param("apd_mixture_weight", float, 0.7, "R: the dLLM's weight in the acceptance target; 1 accepts every drafted "
+          "token", "apd", low=0, high=1, label="R (mixture weight)"),
+    Param("kv_window", int, 16, "W: committed positions the dLLM recomputes each step", "apd", low=1,
+          label="W (KV window)"),
+    Param("max_lookahead", int, 100, "M: masked positions drafted and verified per step, at most", "apd", low=1,
+          label="M (max lookahead)"),
+    Param("tokens_per_step", int, 1, "K: tokens per step for --alg leftright", "decoding", low=1),
+    Param("steps", int, None, "Steps for --alg diffusion, at most --max-new-tokens", "decoding", low=1,
+          default_help="--max-new-tokens", http_field=None),
+    Param("diffusion_order", str, "confidence", "Which positions --alg diffusion decides first: the dLLM's surest by "
+          "this measure", "decoding", choices=ORDERS, http_field=None),
+    Param("temperature", float, 0.0, "Sampling temperature; 0 takes the most likely token everywhere (no randomness).",
+          "sampling", low=0),
+    Param("top_p", float, None, "At T > 0, sample only among the most likely tokens whose probabilities add up to P.",
+          "sampling", low=0, low_open=True, high=1, default_help="no limit"),
+    Param("top_k", int, None, "At T > 0, sample only among the K most likely tokens.", "sampling", low=1,
+          default_help="no limit"),
+    Param("seed", int, None, "Random seed for T > 0: the same seed gives the same tokens", "sampling", low=0,
+          high=SEED_LIMIT - 1, default_help="a fresh one, printed with the statistics"),
+    Param("ignore_eos", bool, False, "Decode past EOS up to max_new_tokens (benchmarks of a fixed length)", "length",
+          cli=False),
+    Param("min_tokens", int, 0, "An EOS among the first min_tokens tokens does not end the generation", "length",
+          low=0, cli=False),
+)
+PARAM = {p.name: p for p in PARAMS}
+DEFAULTS = {p.name: p.default for p in PARAMS}
+
+
+def group(name: str) -> dict[str, Param]:
+    """The parameters of a group, by keyword, in the table's order."""
+    return {p.name: p for p in PARAMS if p.group == name}
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    alg: str = "apd"
-    max_new_tokens: int | None = None  # None: DEFAULT_MAX_NEW_TOKENS, or what fits after the prompt
-    apd_mixture_weight: float = 0.7
-    kv_window: int = 16
-    max_lookahead: int = 100
-    tokens_per_step: int = 1
-    steps: int | None = None  # diffusion; default: max_new_tokens (one token per step)
-    diffusion_order: str = "confidence"
+    alg: str = DEFAULTS["alg"]
+    max_new_tokens: int | None = DEFAULTS["max_new_tokens"]  # None: DEFAULT_MAX_NEW_TOKENS, or what fits after the prompt
+    apd_mixture_weight: float = DEFAULTS["apd_mixture_weight"]
+    kv_window: int = DEFAULTS["kv_window"]
+    max_lookahead: int = DEFAULTS["max_lookahead"]
+    tokens_per_step: int = DEFAULTS["tokens_per_step"]
+    steps: int | None = DEFAULTS["steps"]  # diffusion; default: max_new_tokens (one token per step)
+    diffusion_order: str = DEFAULTS["diffusion_order"]
     sampling: SamplingParams = SamplingParams()
-    ignore_eos: bool = False  # decode past EOS up to max_new_tokens (benchmarks of a fixed length)
-    min_tokens: int = 0  # an EOS among the first min_tokens tokens does not end the generation
+    ignore_eos: bool = DEFAULTS["ignore_eos"]
+    min_tokens: int = DEFAULTS["min_tokens"]
 
     def check(self) -> None:
-        """Raise GenerationError naming the first bad parameter (as its CLI flag) and its range."""
-        if self.alg not in ALGORITHMS:
-            raise GenerationError(f"--alg must be one of {', '.join(ALGORITHMS)}, got {self.alg!r}")
-        if self.max_new_tokens is not None:
-            check_integer("--max-new-tokens", self.max_new_tokens, 1)
-        check_number("--apd-mixture-weight", self.apd_mixture_weight, lambda r: 0 <= r <= 1, "in [0, 1]")
-        check_integer("--kv-window", self.kv_window, 1)
-        check_integer("--max-lookahead", self.max_lookahead, 1)
-        check_integer("--tokens-per-step", self.tokens_per_step, 1)
-        if self.steps is not None:
-            check_integer("--steps", self.steps, 1)
-            # Refused rather than clamped: steps beyond the number of new tokens are forward passes
-            # that decide nothing, and a silently different step count would mislead a comparison.
-            if self.alg == "diffusion" and self.max_new_tokens is not None and self.steps > self.max_new_tokens:
-                raise GenerationError(
-                    f"--steps {self.steps} is more than the {self.max_new_tokens} new tokens to decide "
-                    f"(--max-new-tokens); use --steps {self.max_new_tokens} or less"
-                )
-        if not isinstance(self.ignore_eos, bool):
-            raise GenerationError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
-        check_integer("min_tokens", self.min_tokens, 0)
-        if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
-            raise GenerationError(f"min_tokens {self.min_tokens} is more than the {self.max_new_tokens} new tokens "
-                                  f"asked for; use min_tokens {self.max_new_tokens} or less")
-        if self.diffusion_order not in ORDERS:
-            raise GenerationError(f"--diffusion-order must be one of {', '.join(ORDERS)}, got {self.diffusion_order!r}")
-        s = self.sampling
-        check_number("--temperature", s.temperature, lambda t: t >= 0, "at least 0")
-        if s.top_p is not None:
-            check_number("--top-p", s.top_p, lambda p: 0 < p <= 1, "in (0, 1]")
-        if s.top_k is not None:
-            check_integer("--top-k", s.top_k, 1)
-        if s.seed is not None:
-            check_integer("--seed", s.seed, 0, SEED_LIMIT - 1)
+        """Raise GenerationError naming the first bad parameter (`param`) and its range."""
+        for p in PARAMS:
+            p.check(getattr(self.sampling if p.group == "sampling" else self, p.name))
+        n = self.max_new_tokens
+        # Refused rather than clamped: steps beyond the number of new tokens are forward passes
+        # that decide nothing, and a silently different step count would mislead a comparison.
+        if self.alg == "diffusion" and self.steps is not None and n is not None and self.steps > n:
+            raise GenerationError(f"{{name}} {self.steps} is more than the {n} new tokens to decide "
+                                  f"({{max_new_tokens}}); use {{name}} {n} or less", "steps")
+        if n is not None and self.min_tokens > n:
+            raise GenerationError(f"{{name}} {self.min_tokens} is more than the {n} new tokens asked for; use "
+                                  f"{{name}} {n} or less", "min_tokens")

@@ -127,15 +127,15 @@ class Runtime:
         if room < 1:
             raise GenerationError(
                 f"the prompt alone is too long: its {prompt_len} tokens leave no room for new tokens in the "
-                f"models' {self.max_positions} positions; shorten it to at most {self.max_positions - 1} tokens"
+                f"models' {self.max_positions} positions; shorten it to at most {self.max_positions - 1} tokens", "prompt"
             )
         if params.max_new_tokens is None:
             params = replace(params, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, room))
             params.check()  # --steps against the settled number of new tokens
         elif params.max_new_tokens > room:
             raise GenerationError(
-                f"prompt of {prompt_len} tokens + --max-new-tokens {params.max_new_tokens} exceeds the models' "
-                f"{self.max_positions} positions; use --max-new-tokens {room} or less"
+                f"prompt of {prompt_len} tokens + {{name}} {params.max_new_tokens} exceeds the models' "
+                f"{self.max_positions} positions; use {{name}} {room} or less", "max_new_tokens"
             )
         return params
 
@@ -149,10 +149,10 @@ class Runtime:
                 raise GenerationError("--chat needs a text prompt, not token ids")
             ids = [int(i) for i in prompt]
         if not ids:
-            raise GenerationError("the prompt is empty; give at least one token")
+            raise GenerationError("the prompt is empty; give at least one token", "prompt")
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", "prompt")
         return np.asarray(ids, dtype=np.int64)
 
     def request(self, prompt: str | Sequence[int], chat: bool, params: dict[str, Any]) -> tuple[np.ndarray, GenerationParams]:

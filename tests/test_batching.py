@@ -172,7 +172,7 @@ def test_bad_scheduler_settings_and_requests_are_clear_errors(runtime):
     with runtime.scheduler(max_batch=2, max_seq_len=64) as scheduler:
         with pytest.raises(GenerationError, match=r"exceeds the scheduler's 64 positions.*--max-new-tokens 54 or less"):
             scheduler.submit(list(range(10, 20)), max_new_tokens=60)
-        with pytest.raises(GenerationError, match="--temperature must be at least 0"):
+        with pytest.raises(GenerationError, match="^temperature must be at least 0"):
             scheduler.submit([5, 6], temperature=-1)
         with pytest.raises(GenerationError, match="exceeds the models'"):
             scheduler.submit([5, 6], max_new_tokens=runtime.max_positions)

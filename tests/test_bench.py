@@ -11,21 +11,22 @@ from pathlib import Path
 import pytest
 
 from apd_deploy.bench.plots import pareto_front
-from apd_deploy.bench.runner import configs, parse_sweeps
+from apd_deploy.bench.runner import configs, parse_sweep
+from apd_deploy.evaluation import parse_algs
 from apd_deploy.errors import GenerationError
 
 CLI = str(Path(sys.executable).with_name("apd-deploy"))
 
 
 def test_sweeps_make_a_grid_of_apd_configurations():
-    grid = parse_sweeps(["apd_mixture_weight=0.5,0.9", "kv-window=4,16"])
+    grid = dict(map(parse_sweep, ["apd_mixture_weight=0.5,0.9", "kv-window=4,16"]))
     assert grid == {"apd_mixture_weight": [0.5, 0.9], "kv_window": [4, 16]}
-    labels = [c.label for c in configs("apd,leftright:2,ar", grid)]
+    labels = [c.label for c in configs(parse_algs("apd,leftright:2,ar"), grid)]
     assert labels == ["apd R=0.5 W=4", "apd R=0.5 W=16", "apd R=0.9 W=4", "apd R=0.9 W=16", "leftright:2", "ar"]
     with pytest.raises(GenerationError, match="NAME one of"):
-        parse_sweeps(["temperature=0.1"])
+        parse_sweep("temperature=0.1")
     with pytest.raises(GenerationError, match="must be ints"):
-        parse_sweeps(["kv_window=a"])
+        parse_sweep("kv_window=a")
 
 
 def test_pareto_front():

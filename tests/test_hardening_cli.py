@@ -63,21 +63,44 @@ def test_integer_options_out_of_range_are_usage_errors(args, flag):
 
 
 @pytest.mark.parametrize("params, message", [
-    (dict(seed=-1), "--seed must be at least 0, got -1"),
-    (dict(seed=2**63), "--seed must be at most"),
-    (dict(seed=1.5, temperature=0.5), "--seed must be an integer, got 1.5"),
-    (dict(kv_window=2.5), "--kv-window must be an integer"),
-    (dict(max_lookahead=True), "--max-lookahead must be an integer, got True"),
-    (dict(top_k=0, temperature=1.0), "--top-k must be at least 1"),
-    (dict(steps=0, alg="diffusion"), "--steps must be at least 1"),
-    (dict(max_new_tokens=0), "--max-new-tokens must be at least 1"),
-    (dict(max_new_tokens="8"), "--max-new-tokens must be an integer, got '8'"),
+    (dict(seed=-1), "seed must be at least 0, got -1"),
+    (dict(seed=2**63), "seed must be at most"),
+    (dict(seed=1.5, temperature=0.5), "seed must be an integer, got 1.5"),
+    (dict(kv_window=2.5), "kv_window must be an integer"),
+    (dict(max_lookahead=True), "max_lookahead must be an integer, got True"),
+    (dict(top_k=0, temperature=1.0), "top_k must be at least 1"),
+    (dict(steps=0, alg="diffusion"), "steps must be at least 1"),
+    (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+    (dict(max_new_tokens="8"), "max_new_tokens must be an integer, got '8'"),
 ])
 def test_python_api_range_checks_integers(runtime, params, message):
     from apd_deploy.errors import GenerationError
 
     with pytest.raises(GenerationError, match=re.escape(message)):
         runtime.generate([72, 101], **params)
+
+
+def test_an_error_names_the_parameter_as_each_caller_does(runtime, tiny_bundle):
+    """The keyword in Python, the flag on the command line (the server's field: test_server)."""
+    from apd_deploy.errors import GenerationError
+
+    with pytest.raises(GenerationError) as caught:
+        runtime.generate([72, 101], alg="diffusion", steps=9, max_new_tokens=4)
+    assert str(caught.value) == "steps 9 is more than the 4 new tokens to decide (max_new_tokens); use steps 4 or less"
+    assert caught.value.param == "steps"
+    code, _, err = run("generate", str(tiny_bundle), "--prompt-ids", "72," * 510 + "72", "--max-new-tokens", "2")
+    assert code == 1 and err == ("error: prompt of 511 tokens + --max-new-tokens 2 exceeds the models' 512 positions; "
+                                 "use --max-new-tokens 1 or less\n")
+
+
+def test_options_come_from_the_parameter_table():
+    from apd_deploy.runtime.params import PARAMS
+
+    options = {p.name: p for p in cli.commands["generate"].params}
+    for param in PARAMS:
+        if param.flag:
+            assert options[param.name].opts == [param.flag] and options[param.name].help.startswith(param.help)
+            assert f"[default: {param.default_text}]" in options[param.name].help
 
 
 def test_python_api_range_checks_threads(tiny_bundle):
@@ -115,11 +138,11 @@ def test_prompt_ids_allow_spaces(runtime, tiny_bundle):
 
 
 @pytest.mark.parametrize("params, message", [
-    (dict(temperature=float("inf")), "--temperature must be a finite number, got inf"),
-    (dict(temperature=float("nan")), "--temperature must be a finite number, got nan"),
-    (dict(temperature="hot"), "--temperature must be a finite number, got 'hot'"),
-    (dict(temperature=1.0, top_p=float("nan")), "--top-p must be a finite number"),
-    (dict(apd_mixture_weight=float("inf")), "--apd-mixture-weight must be a finite number"),
+    (dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
+    (dict(temperature=float("nan")), "temperature must be a finite number, got nan"),
+    (dict(temperature="hot"), "temperature must be a finite number, got 'hot'"),
+    (dict(temperature=1.0, top_p=float("nan")), "top_p must be a finite number"),
+    (dict(apd_mixture_weight=float("inf")), "apd_mixture_weight must be a finite number"),
 ])
 def test_python_api_refuses_non_finite_floats(runtime, params, message):
     from apd_deploy.errors import GenerationError
@@ -190,7 +213,7 @@ def test_more_diffusion_steps_than_new_tokens_are_refused(runtime, tiny_bundle):
     assert code == 1
     assert err.strip() == ("error: --steps 975 is more than the 2 new tokens to decide (--max-new-tokens); "
                            "use --steps 2 or less")
-    with pytest.raises(GenerationError, match="--steps 13 is more than the 12 new tokens"):  # the default fits 12
+    with pytest.raises(GenerationError, match="steps 13 is more than the 12 new tokens"):  # the default fits 12
         runtime.generate([5] * 500, alg="diffusion", steps=13)
     assert runtime.generate([5, 6], alg="diffusion", steps=8, max_new_tokens=8).dllm_forwards <= 8
     assert runtime.generate([5, 6], alg="apd", steps=975, max_new_tokens=2).steps <= 2  # --steps is diffusion's only

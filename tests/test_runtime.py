@@ -141,14 +141,14 @@ def test_chat_template_wraps_the_prompt(runtime):
 
 
 @pytest.mark.parametrize("params, message", [
-    (dict(apd_mixture_weight=1.5), "--apd-mixture-weight must be in \\[0, 1\\]"),
-    (dict(apd_mixture_weight=-0.1), "--apd-mixture-weight"),
-    (dict(kv_window=0), "--kv-window must be at least 1"),
-    (dict(max_lookahead=0), "--max-lookahead must be at least 1"),
-    (dict(alg="leftright", tokens_per_step=0), "--tokens-per-step must be at least 1"),
-    (dict(alg="beam"), "--alg must be one of"),
-    (dict(temperature=-1.0), "--temperature"),
-    (dict(top_p=0.0), "--top-p"),
+    (dict(apd_mixture_weight=1.5), "apd_mixture_weight must be in \\[0, 1\\]"),
+    (dict(apd_mixture_weight=-0.1), "apd_mixture_weight"),
+    (dict(kv_window=0), "kv_window must be at least 1"),
+    (dict(max_lookahead=0), "max_lookahead must be at least 1"),
+    (dict(alg="leftright", tokens_per_step=0), "tokens_per_step must be at least 1"),
+    (dict(alg="beam"), "alg must be one of"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
     (dict(max_new_tokens=600), "exceeds the models' 512 positions"),
 ])
 def test_bad_parameters_are_refused_before_any_work(runtime, params, message):

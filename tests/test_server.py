@@ -137,6 +137,15 @@ def test_bad_requests_get_openai_errors(guarded_server, body, status, param):
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
 
 
+def test_an_error_names_the_body_field(guarded_server):
+    """The runtime's check names max_new_tokens; over HTTP it is max_tokens (no command-line flag)."""
+    response = httpx.post(f"{guarded_server}/v1/completions", json={"prompt": [5] * 40, "max_tokens": 480},
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
+    assert response.json()["error"]["message"] == ("prompt of 40 tokens + max_tokens 480 exceeds the models' 512 "
+                                                   "positions; use max_tokens 472 or less")
+
+
 def test_keys_routes_and_plain_errors(guarded_server, demo_server):
     assert httpx.post(f"{guarded_server}/v1/completions", json={"prompt": "hi"}).status_code == 401
     wrong = httpx.get(f"{guarded_server}/v1/models", headers={"Authorization": "Bearer nope"})

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from apd_deploy.bench.concurrency import LevelResult
-from apd_deploy.bench.runner import ConfigResult
+from apd_deploy.bench.runner import SWEEPABLE, ConfigResult
 from apd_deploy.bench.serving import ServeLevel
 
-SWEEP_AXES = {"apd_mixture_weight": "R (mixture weight)", "kv_window": "W (KV window)", "max_lookahead": "M (max lookahead)"}
+SWEEP_AXES = {name: param.label for name, param in SWEEPABLE.items()}
 
 
 def _pyplot():

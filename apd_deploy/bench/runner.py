@@ -14,26 +14,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apd_deploy.errors import GenerationError
-from apd_deploy.evaluation import TASK_MAX_NEW_TOKENS, TASKS, parse_algs
-from apd_deploy.runtime.params import GenerationParams, check_integer
+from apd_deploy.evaluation import TASK_MAX_NEW_TOKENS, TASKS, AlgSpec
+from apd_deploy.runtime.params import check_integer, group
 
 if TYPE_CHECKING:
     from apd_deploy.runtime import Runtime
 
-SWEEPABLE = {"apd_mixture_weight": float, "kv_window": int, "max_lookahead": int}
+SWEEPABLE = group("apd")
 
 
 @dataclass(frozen=True)
 class Prompt:
     ids: list[int]
     answer: int | None = None  # for tasks with checkable answers
-
-
-@dataclass(frozen=True)
-class Config:
-    label: str
-    alg: str
-    params: dict[str, Any]
 
 
 @dataclass
@@ -64,37 +57,36 @@ class ConfigResult:
         return out
 
 
-def parse_sweeps(sweeps: list[str]) -> dict[str, list]:
-    """['kv_window=4,16'] -> {'kv_window': [4, 16]} (APD parameters only)."""
-    grid = {}
-    for sweep in sweeps:
-        key, _, values = sweep.partition("=")
-        key = key.strip().replace("-", "_")
-        if key not in SWEEPABLE or not values:
-            raise GenerationError(f"--sweep '{sweep}': use NAME=V1,V2 with NAME one of {', '.join(SWEEPABLE)}")
+def parse_sweep(sweep: str) -> tuple[str, list]:
+    """'kv_window=4,16' -> ('kv_window', [4, 16]) (APD parameters only)."""
+    key, _, values = sweep.partition("=")
+    param = SWEEPABLE.get(key.strip().replace("-", "_"))
+    if param is None or not values:
+        raise GenerationError(f"--sweep '{sweep}': use NAME=V1,V2 with NAME one of {', '.join(SWEEPABLE)}")
+    try:
+        grid = [param.type(v) for v in values.split(",")]
+    except ValueError:
+        raise GenerationError(f"--sweep '{sweep}': values must be {param.type.__name__}s") from None
+    for value in grid:
         try:
-            grid[key] = [SWEEPABLE[key](v) for v in values.split(",")]
-        except ValueError:
-            raise GenerationError(f"--sweep '{sweep}': values must be {SWEEPABLE[key].__name__}s") from None
-        for value in grid[key]:
-            try:
-                GenerationParams(**{key: value}).check()
-            except GenerationError as exc:
-                raise GenerationError(f"--sweep '{sweep}': {exc}") from None
-    return grid
+            param.check(value)
+        except GenerationError as exc:
+            raise GenerationError(f"--sweep '{sweep}': {exc.template}", exc.param) from None
+    return param.name, grid
 
 
-def configs(algs: str, grid: dict[str, list]) -> list[Config]:
+def configs(specs: list[AlgSpec], grid: dict[str, list]) -> list[AlgSpec]:
+    """The configurations to run: each algorithm, APD once per point of the sweeps' grid."""
     out = []
-    for spec in parse_algs(algs):
+    for spec in specs:
         if spec.alg != "apd" or not grid:
-            out.append(Config(spec.label, spec.alg, spec.params))
+            out.append(spec)
             continue
         keys = sorted(grid)
         for values in itertools.product(*(grid[k] for k in keys)):
             params = dict(zip(keys, values))
-            short = {"apd_mixture_weight": "R", "kv_window": "W", "max_lookahead": "M"}
-            out.append(Config("apd " + " ".join(f"{short[k]}={v}" for k, v in params.items()), "apd", params))
+            label = " ".join(f"{SWEEPABLE[k].label.split()[0]}={v}" for k, v in params.items())
+            out.append(AlgSpec(f"apd {label}", "apd", params))
     return out
 
 
@@ -143,21 +135,21 @@ def read_prompt_lines(path: str) -> list[str]:
     return lines
 
 
-def check_benchmark(runtime: Runtime, algs: str, sweeps: list[str], prompts: list[Prompt], max_new_tokens: int,
-                    repeat: int) -> list[Config]:
+def check_benchmark(runtime: Runtime, specs: list[AlgSpec], grid: dict[str, list], prompts: list[Prompt],
+                    max_new_tokens: int, repeat: int) -> list[AlgSpec]:
     """Every configuration, checked against the runtime and the longest prompt before any is timed."""
     check_integer("--repeat", repeat, 1)
-    chosen = configs(algs, parse_sweeps(sweeps))
+    chosen = configs(specs, grid)
     longest = max(len(p.ids) for p in prompts)
     for config in chosen:
         try:
             runtime.fit(runtime.params(alg=config.alg, max_new_tokens=max_new_tokens, **config.params), longest)
         except GenerationError as exc:
-            raise GenerationError(f"{config.label}: {exc}") from None
+            raise GenerationError(f"{config.label}: {exc.template}", exc.param) from None
     return chosen
 
 
-def run_config(runtime, config: Config, prompts: list[Prompt], max_new_tokens: int, repeat: int,
+def run_config(runtime, config: AlgSpec, prompts: list[Prompt], max_new_tokens: int, repeat: int,
                extract: Callable[[str], int | None] | None, progress: Callable[[], None]) -> ConfigResult:
     def generate_all() -> list:
         outs = []
@@ -217,11 +209,11 @@ def default_max_new_tokens(task: str | None) -> int:
     return TASK_MAX_NEW_TOKENS.get(task, 256) if task else 256
 
 
-def benchmark(runtime, algs: str, sweeps: list[str], prompts: list[Prompt], max_new_tokens: int, repeat: int,
-              task: str | None, eager=None, progress_total: Callable[[int], None] = lambda _: None,
+def benchmark(runtime, specs: list[AlgSpec], grid: dict[str, list], prompts: list[Prompt], max_new_tokens: int,
+              repeat: int, task: str | None, eager=None, progress_total: Callable[[int], None] = lambda _: None,
               progress: Callable[[], None] = lambda: None) -> list[ConfigResult]:
     """Every configuration on the runtime; with `eager`, the APD ones on the PyTorch loop too."""
-    chosen = check_benchmark(runtime, algs, sweeps, prompts, max_new_tokens, repeat)
+    chosen = check_benchmark(runtime, specs, grid, prompts, max_new_tokens, repeat)
     with_eager = [c for c in chosen if c.alg == "apd"] if eager is not None else []
     breakdown_pass = runtime.xp.__name__ != "numpy"  # see run_config
     progress_total(len(prompts) * ((repeat + breakdown_pass) * len(chosen) + repeat * len(with_eager)))
@@ -250,26 +242,22 @@ def step_profile(runtime, prompt: Prompt, positions: tuple[int, ...], params: di
     if len(prompt.ids) + longest + lookahead > runtime.max_positions:
         raise GenerationError(f"a step profile up to {longest} tokens needs {len(prompt.ids) + longest + lookahead} "
                               f"positions; the models have {runtime.max_positions}")
-    saved, runtime.eos_ids = runtime.eos_ids, frozenset()  # generate the full length
-    try:
-        streams = {p: iter(runtime.stream(prompt.ids, alg="apd", max_new_tokens=p + span + lookahead, **params))
-                   for p in positions}
-        generated = dict.fromkeys(positions, 0)
-        times: dict[int, list[float]] = {p: [] for p in positions}
+    streams = {p: iter(runtime.stream(prompt.ids, alg="apd", max_new_tokens=p + span + lookahead, ignore_eos=True,
+                                      **params)) for p in positions}
+    generated = dict.fromkeys(positions, 0)
+    times: dict[int, list[float]] = {p: [] for p in positions}
 
-        def step(p: int) -> float:
-            started = time.perf_counter()
-            generated[p] += len(next(streams[p]).token_ids)
-            return 1000 * (time.perf_counter() - started)
+    def step(p: int) -> float:
+        started = time.perf_counter()
+        generated[p] += len(next(streams[p]).token_ids)
+        return 1000 * (time.perf_counter() - started)
 
-        for p in positions:
-            while generated[p] < p - span:
-                last = step(p)
-            if generated[p] > p + span:  # one step leapt over the whole span: it is the sample
-                times[p].append(last)
-        while active := [p for p in positions if generated[p] <= p + span]:
-            for p in active:
-                times[p].append(step(p))
-    finally:
-        runtime.eos_ids = saved
+    for p in positions:
+        while generated[p] < p - span:
+            last = step(p)
+        if generated[p] > p + span:  # one step leapt over the whole span: it is the sample
+            times[p].append(last)
+    while active := [p for p in positions if generated[p] <= p + span]:
+        for p in active:
+            times[p].append(step(p))
     return {p: statistics.median(times[p]) for p in positions}

@@ -28,9 +28,9 @@ from starlette.requests import ClientDisconnect
 
 from apd_deploy.errors import GenerationError
 from apd_deploy.runtime import QueueFull, Runtime, Scheduler, SchedulerClosed
-from apd_deploy.runtime.params import GenerationParams
+from apd_deploy.runtime.params import PARAMS, GenerationParams
 from apd_deploy.server.metrics import Metrics
-from apd_deploy.server.protocol import APD_FIELDS, OpenAIError, ParsedRequest, bad, parse_chat, parse_completion
+from apd_deploy.server.protocol import OpenAIError, ParsedRequest, bad, parse_chat, parse_completion, refused
 from apd_deploy.server.stops import StopText
 
 # How often a non-streamed request checks whether its client is still there.
@@ -425,8 +425,7 @@ def _json(body: bytes) -> Any:
 
 
 def _prepare(runtime: Runtime, parsed: ParsedRequest, max_chars: int | None):
-    """Prompt ids and settled parameters, or a 400 naming the field (the runtime's message names
-    its command-line flag, which maps back to the body field)."""
+    """Prompt ids and settled parameters, or a 400 naming the body field at fault."""
     _check_length(runtime, parsed, max_chars)
     try:
         if parsed.messages is not None:
@@ -438,9 +437,7 @@ def _prepare(runtime: Runtime, parsed: ParsedRequest, max_chars: int | None):
             prompt = parsed.prompt
         return runtime.request(prompt, False, dict(parsed.params))
     except GenerationError as exc:
-        message = str(exc)
-        param = next((field for field, flag in FLAG_FIELDS.items() if flag in message), None)
-        raise OpenAIError(400, message, param=param, code="invalid_value") from None
+        raise refused(exc, parsed.messages is not None) from None
 
 
 def _check_length(runtime: Runtime, parsed: ParsedRequest, max_chars: int | None) -> None:
@@ -457,18 +454,11 @@ def _check_length(runtime: Runtime, parsed: ParsedRequest, max_chars: int | None
                   "characters); shorten the prompt")
 
 
-# The runtime's messages name the command-line flag; the body field it came from.
-FLAG_FIELDS = {"max_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
-               "top_k": "--top-k", "seed": "--seed", "alg": "--alg", "apd_mixture_weight": "--apd-mixture-weight",
-               "kv_window": "--kv-window", "max_lookahead": "--max-lookahead", "tokens_per_step": "--tokens-per-step",
-               "min_tokens": "min_tokens", "ignore_eos": "ignore_eos", "prompt": "prompt"}
-
-
 def _result_or_error(handle):
     try:
         return handle.result()
     except GenerationError as exc:
-        raise OpenAIError(400, str(exc)) from None
+        raise refused(exc) from None
     except Exception as exc:  # an engine fault: the server's, not the request's
         raise OpenAIError(500, f"generation failed: {exc}", code="engine_error") from None
 
@@ -480,7 +470,7 @@ def _usage(turn: Turn, completion_tokens: int) -> dict[str, int]:
 
 def _apd_report(turn: Turn, result) -> dict[str, Any]:
     """The APD parameters the request ran with (echoed, defaults included) and what decoding did."""
-    return {**{name: getattr(turn.params, key) for name, key in APD_FIELDS.items()},
+    return {**{p.field: getattr(turn.params, p.name) for p in PARAMS if p.group in ("apd", "decoding") and p.field},
             "steps": result.steps, "mean_tokens_per_step": len(result.token_ids) / result.steps if result.steps else 0.0,
             "dllm_forwards": result.dllm_forwards, "verifier_forwards": result.verifier_forwards}
 

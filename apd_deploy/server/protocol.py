@@ -9,14 +9,14 @@ must never get silently different behaviour. APD's own parameters are extra body
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-# OpenAI field -> runtime parameter, with the check of its value.
-SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed"}
-APD_FIELDS = {"alg": "alg", "apd_mixture_weight": "apd_mixture_weight", "kv_window": "kv_window",
-              "max_lookahead": "max_lookahead", "tokens_per_step": "tokens_per_step"}
+from apd_deploy.errors import GenerationError
+from apd_deploy.runtime.params import PARAM, PARAMS
+
+# Body field -> the generation parameter it sets, checked as the table declares it.
+BODY_PARAMS = {p.field: p for p in PARAMS if p.field is not None}
 # Fields accepted only at the value that changes nothing.
 NO_OP_FIELDS = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "presence_penalty": 0,
                 "frequency_penalty": 0, "logit_bias": None, "suffix": None, "parallel_tool_calls": None,
@@ -48,6 +48,18 @@ def bad(param: str, message: str, code: str = "invalid_value") -> OpenAIError:
     return OpenAIError(400, f"{param}: {message}", param=param, code=code)
 
 
+def field_of(keyword: str) -> str:
+    """What a request body calls a parameter (its keyword where it is no generation parameter)."""
+    param = PARAM.get(keyword)
+    return param.field if param is not None and param.field else keyword
+
+
+def refused(exc: GenerationError, chat: bool = False) -> OpenAIError:
+    """A 400 naming the body field of the parameter at fault (a chat's prompt is its messages)."""
+    name = "messages" if chat and exc.param == "prompt" else exc.param and field_of(exc.param)
+    return OpenAIError(400, exc.in_terms_of(name, field_of), param=name, code="invalid_value")
+
+
 @dataclass
 class ParsedRequest:
     model: str | None
@@ -77,14 +89,9 @@ def _text(param: str, value: Any) -> bool:
     return True
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _common(body: dict[str, Any], known: set[str], max_tokens_limit: int) -> ParsedRequest:
-    unknown = sorted(set(body) - known - set(SAMPLING_FIELDS) - set(APD_FIELDS) - set(NO_OP_FIELDS) - IGNORED_FIELDS
-                     - {"model", "max_tokens", "stream", "stream_options", "stop", "response_format", "ignore_eos",
-                        "min_tokens"})
+    unknown = sorted(set(body) - known - set(BODY_PARAMS) - set(NO_OP_FIELDS) - IGNORED_FIELDS
+                     - {"model", "stream", "stream_options", "stop", "response_format"})
     if unknown:
         raise bad(unknown[0], f"unknown or unsupported field '{unknown[0]}'", "unsupported_parameter")
     for name, no_op in NO_OP_FIELDS.items():
@@ -94,21 +101,14 @@ def _common(body: dict[str, Any], known: set[str], max_tokens_limit: int) -> Par
     if model is not None and not _text("model", model):
         raise bad("model", "must be a string")
     parsed = ParsedRequest(model)
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None:
-        if not _is_int(max_tokens) or max_tokens < 1:
-            raise bad("max_tokens", f"must be an integer of at least 1, got {max_tokens!r}")
-        if max_tokens > max_tokens_limit:
-            raise bad("max_tokens", f"must be at most {max_tokens_limit} on this server, got {max_tokens}")
-        parsed.params["max_new_tokens"] = max_tokens
-    for name, key in {**SAMPLING_FIELDS, **APD_FIELDS}.items():
+    limits = {"max_tokens": max_tokens_limit}  # this server's; the others are the table's
+    for name, param in BODY_PARAMS.items():
         if body.get(name) is not None:
-            value = body[name]
-            if name == "alg" and not _text(name, value):
-                raise bad(name, "must be a string")
-            if name != "alg" and not _is_number(value):
-                raise bad(name, f"must be a finite number, got {value!r}")
-            parsed.params[key] = value
+            try:
+                param.check(body[name], limits.get(name))
+            except GenerationError as exc:
+                raise refused(exc) from None
+            parsed.params[param.name] = body[name]
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad("stream", "must be true or false")
@@ -127,18 +127,6 @@ def _common(body: dict[str, Any], known: set[str], max_tokens_limit: int) -> Par
     response_format = body.get("response_format")
     if response_format not in (None, {}, {"type": "text"}):
         raise bad("response_format", "only {\"type\": \"text\"} is supported by this server", "unsupported_parameter")
-    ignore_eos = body.get("ignore_eos")
-    if ignore_eos is not None:
-        if not isinstance(ignore_eos, bool):
-            raise bad("ignore_eos", f"must be true or false, got {ignore_eos!r}")
-        parsed.params["ignore_eos"] = ignore_eos
-    min_tokens = body.get("min_tokens")
-    if min_tokens is not None:
-        if not _is_int(min_tokens) or min_tokens < 0:
-            raise bad("min_tokens", f"must be an integer of at least 0, got {min_tokens!r}")
-        if max_tokens is not None and min_tokens > max_tokens:
-            raise bad("min_tokens", f"must be at most max_tokens ({max_tokens}), got {min_tokens}")
-        parsed.params["min_tokens"] = min_tokens
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop

@@ -19,7 +19,7 @@ import threading
 from typing import Any
 
 from apd_deploy.errors import GenerationError
-from apd_deploy.runtime.params import check_integer, check_number
+from apd_deploy.runtime.params import Param, check_integer
 
 APP_NAME = "apd-deploy"
 
@@ -54,7 +54,7 @@ def build_app(args: dict[str, Any]):
         if args.get(field) is not None:
             check_integer(f"Serve config 'args' field '{field}'", args[field], 1)
     if args.get("grace_seconds") is not None:
-        check_number("Serve config 'args' field 'grace_seconds'", args["grace_seconds"], lambda v: v >= 0, "0 or more")
+        Param("Serve config 'args' field 'grace_seconds'", float, 0, "", "", low=0).check(args["grace_seconds"])
     server = {k: v for k, v in args.items() if k not in ("bundle", "engine", "replicas", "autoscale",
                                                          "served_model_name")}
     # A key from the environment (a Secret's) rather than the config file, as the CLI's APD_API_KEY.
