@@ -210,7 +210,7 @@ def generate_command(bundle: str, prompt: str | None, prompt_ids: list[int] | No
     if as_json:
         for _ in stream:
             pass
-        result = stream.result
+        result = stream.result()
         click.echo(json.dumps({"alg": params["alg"], **result.to_dict()}))
         return
     shown = ""
@@ -219,7 +219,7 @@ def generate_command(bundle: str, prompt: str | None, prompt_ids: list[int] | No
         if piece:
             shown += piece
             click.echo(click.style(piece, fg=CHUNK_COLOURS[i % 2]), nl=False)
-    result = stream.result
+    result = stream.result()
     if result.text is not None and result.text.startswith(shown):
         click.echo(result.text[len(shown):], nl=False)  # a held-back partial character, if any
     click.echo()
@@ -333,7 +333,7 @@ def _names(value: str) -> tuple[str, ...]:
 @threads_option
 @click.option("--api-key", envvar="APD_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1 routes  [env: APD_API_KEY]")
-@click.option("--served-model-name", help="The model name clients send  [default: the bundle folder's name]")
+@click.option("--served-model-name", "model_name", help="The model name clients send  [default: the bundle folder's name]")
 @click.option("--max-tokens", type=click.IntRange(min=1),
               help="Largest max_tokens a request may ask for  [default: the models' positions]")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
@@ -370,16 +370,16 @@ def _names(value: str) -> tuple[str, ...]:
               help="With --ray: an HTTP proxy on every node with a replica (behind your load balancer)  "
               "[default: one, on the head node]")
 @user_errors
-def serve_command(bundle: str, engine: str | None, host: str, port: int, max_batch: int, max_queue: int, lanes: int,
-                  threads: int | None, api_key: str | None, served_model_name: str | None, max_tokens: int | None,
-                  max_body_bytes: int, grace_seconds: float, header_timeout: float, max_header_bytes: int,
-                  keep_alive_seconds: float, max_connections: int, allowed_hosts: tuple[str, ...],
-                  allowed_origins: tuple[str, ...], metrics_key_required: bool, use_ray: bool, replicas: int | None,
-                  autoscale: tuple[int, int] | None, ray_address: str | None, ray_proxy_every_node: bool) -> None:
+def serve_command(use_ray: bool, replicas: int | None, autoscale: tuple[int, int] | None, ray_address: str | None,
+                  ray_proxy_every_node: bool, **options: Any) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
-    if lanes > max_batch:
-        raise click.UsageError(f"--lanes {lanes} is more than --max-batch {max_batch}: each lane needs a slot")
-    if metrics_key_required and api_key is None:
+    from apd_deploy.server.settings import ServeSettings
+
+    settings = ServeSettings(**options)
+    if settings.lanes > settings.max_batch:
+        raise click.UsageError(f"--lanes {settings.lanes} is more than --max-batch {settings.max_batch}: each lane "
+                               "needs a slot")
+    if settings.metrics_key_required and settings.api_key is None:
         raise click.UsageError("--metrics-key-required needs --api-key (or APD_API_KEY)")
     source = click.get_current_context().get_parameter_source
     if use_ray:
@@ -395,25 +395,19 @@ def serve_command(bundle: str, engine: str | None, host: str, port: int, max_bat
                  if source(name) is click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"{given[0]} is for Ray Serve: add --ray")
-        from apd_deploy.server.serve import ConnectionLimits, serve
+        from apd_deploy.server.serve import serve
 
-        serve(bundle, engine, host, port, max_batch, max_queue, lanes, threads, api_key, served_model_name,
-              max_tokens, max_body_bytes, grace_seconds,
-              ConnectionLimits(header_timeout, max_header_bytes, keep_alive_seconds, max_connections),
-              allowed_hosts, allowed_origins, metrics_key_required)
+        serve(settings)
         return
     if replicas is not None and autoscale is not None:
         raise click.UsageError("give --replicas or --autoscale, not both")
     try:
-        from apd_deploy.server.ray_replica import ReplicaSettings
+        from apd_deploy.server.ray_replica import deployment_options, for_ray
         from apd_deploy.server.ray_serve import serve_on_ray
     except ImportError as exc:
         raise click.UsageError(f"--ray needs Ray Serve ({exc}): pip install 'apd-deploy[ray]'") from None
-    settings = ReplicaSettings.for_bundle(
-        bundle, engine, served_model_name, threads=threads or 1, max_batch=max_batch, max_queue=max_queue,
-        lanes=lanes, api_key=api_key, max_body_bytes=max_body_bytes, max_tokens=max_tokens, grace_seconds=grace_seconds)
-    serve_on_ray(settings, settings.deployment_options(replicas, autoscale), host, port, ray_address,
-                 ray_proxy_every_node)
+    settings = for_ray(settings)
+    serve_on_ray(settings, deployment_options(settings, replicas, autoscale), ray_address, ray_proxy_every_node)
 
 
 @cli.command("bench-serve", context_settings=CONTEXT)

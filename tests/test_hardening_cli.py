@@ -103,6 +103,18 @@ def test_options_come_from_the_parameter_table():
             assert f"[default: {param.default_text}]" in options[param.name].help
 
 
+def test_commands_receive_parsed_values():
+    from apd_deploy.evaluation import AlgSpec
+
+    bench = cli.commands["bench"].make_context("bench", [NO_BUNDLE, "--random-prompts", "1", "--concurrency", "4,1",
+                                                         "--algs", "leftright:4", "--sweep", "kv_window=4,8"])
+    assert bench.params["levels"] == [1, 4] and bench.params["algs"] == [AlgSpec("leftright:4", "leftright",
+                                                                                   {"tokens_per_step": 4})]
+    assert bench.params["sweeps"] == (("kv_window", [4, 8]),)
+    serve = cli.commands["serve"].make_context("serve", [NO_BUNDLE, "--ray", "--autoscale", "1:3"])
+    assert serve.params["autoscale"] == (1, 3)
+
+
 def test_python_api_range_checks_threads(tiny_bundle):
     from apd_deploy.errors import GenerationError
 

@@ -15,8 +15,6 @@ from apd_deploy.bench.concurrency import LevelResult
 from apd_deploy.bench.runner import SWEEPABLE, ConfigResult
 from apd_deploy.bench.serving import ServeLevel
 
-SWEEP_AXES = {name: param.label for name, param in SWEEPABLE.items()}
-
 
 def _pyplot():
     import matplotlib
@@ -107,7 +105,7 @@ def sweep_figures(results: list[ConfigResult], settings: str) -> dict[str, Any]:
     plt = _pyplot()
     figures = {}
     apd = [r for r in results if r.alg == "apd"]
-    for key, label in SWEEP_AXES.items():
+    for key, label in ((name, param.label) for name, param in SWEEPABLE.items()):
         values = sorted({r.params[key] for r in apd if key in r.params})
         if len(values) < 2:
             continue

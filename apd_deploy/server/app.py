@@ -31,39 +31,16 @@ from apd_deploy.runtime import QueueFull, Runtime, Scheduler, SchedulerClosed
 from apd_deploy.runtime.params import PARAMS, GenerationParams
 from apd_deploy.server.metrics import Metrics
 from apd_deploy.server.protocol import OpenAIError, ParsedRequest, bad, parse_chat, parse_completion, refused
+from apd_deploy.server.settings import ServeSettings
 from apd_deploy.server.stops import StopText
 
 # How often a non-streamed request checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
+RETRY_AFTER_SECONDS = 1  # a 429's or 503's Retry-After
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 JSON_ROUTES = {"/v1/completions", "/v1/chat/completions"}
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    model_name: str
-    api_key: str | None = None
-    max_body_bytes: int = 1 << 20
-    max_tokens_limit: int = 4096
-    retry_after_seconds: int = 1
-    allowed_hosts: frozenset[str] | None = None  # Host header names taken (without port); None: any
-    allowed_origins: tuple[str, ...] = ()  # browser origins taken ('*': any); requests from others get 403
-    metrics_key_required: bool = False  # /metrics asks for the API key too
-    max_prompt_chars: int | None = None  # longer prompts are refused before the tokenizer reads them
-
-    @classmethod
-    def for_runtime(cls, runtime: Runtime, model_name: str | None, api_key: str | None, max_body_bytes: int,
-                    max_tokens: int | None, *, host: str | None = None, allowed_hosts: tuple[str, ...] = (),
-                    allowed_origins: tuple[str, ...] = (), metrics_key_required: bool = False) -> ServerConfig:
-        """The settings of `apd-deploy serve`: the model named after the bundle's folder unless
-        given, max_tokens capped at what the models' positions hold, the Host names of the bound
-        address (`host`; any for a wildcard address) and `allowed_hosts`."""
-        limit = min(max_tokens or runtime.max_positions - 1, runtime.max_positions - 1)
-        return cls(model_name or runtime.bundle.resolve().name, api_key, max_body_bytes, limit,
-                   allowed_hosts=host_names(host, allowed_hosts), allowed_origins=tuple(allowed_origins),
-                   metrics_key_required=metrics_key_required, max_prompt_chars=_max_prompt_chars(runtime))
 
 
 def host_names(host: str | None, allowed: tuple[str, ...]) -> frozenset[str] | None:
@@ -116,10 +93,14 @@ class Turn:
     created: int
 
 
-def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
+def create_app(runtime: Runtime, scheduler: Scheduler, settings: ServeSettings,
                render_metrics: Callable[[], Awaitable[bytes]] | None = None) -> FastAPI:
-    """The app over `scheduler`. render_metrics: what /metrics answers (a replica shows every
+    """The app over `scheduler`, serving the model as `settings.served_name`, max_tokens capped at
+    what the models' positions hold. render_metrics: what /metrics answers (a replica shows every
     replica's); by default this app's own metrics (`app.state.metrics`)."""
+    model_name, positions = settings.served_name, runtime.max_positions
+    max_tokens = min(settings.max_tokens or positions - 1, positions - 1)
+    max_prompt_chars = _max_prompt_chars(runtime)
     app = FastAPI(title="apd-deploy", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = app.state.metrics = Metrics(lambda: scheduler.queued, lambda: scheduler.active)
     scheduler.on_iteration = metrics.iteration
@@ -152,10 +133,10 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
     async def client_gone(_: Request, __: ClientDisconnect) -> Response:
         return Response(status_code=499)  # nobody reads it: /metrics counts it as the client's
 
-    if config.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["GET", "POST"],
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(Guard, config=config, metrics=metrics)
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -165,7 +146,7 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
     async def ready() -> JSONResponse:
         if app.state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        return JSONResponse({"status": "ready", "model": config.model_name})
+        return JSONResponse({"status": "ready", "model": model_name})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -174,14 +155,14 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(config.model_name, runtime)]}
+        return {"object": "list", "data": [_model_card(model_name, runtime)]}
 
     @app.get("/v1/models/{name}")
     async def model(name: str) -> dict[str, Any]:
-        if name != config.model_name:
-            raise OpenAIError(404, f"model '{name}' does not exist; this server serves '{config.model_name}'",
+        if name != model_name:
+            raise OpenAIError(404, f"model '{name}' does not exist; this server serves '{model_name}'",
                               param="model", code="model_not_found")
-        return _model_card(config.model_name, runtime)
+        return _model_card(model_name, runtime)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -195,14 +176,14 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
         """The body checked and tokenized: run on a worker thread, so that a big or deep body does not
         hold up the event loop (/health, the streams of other requests)."""
         parse = parse_chat if kind == "chat" else parse_completion
-        parsed = parse(_json(body), config.max_tokens_limit)
-        if parsed.model is not None and parsed.model != config.model_name:
-            raise OpenAIError(404, f"model '{parsed.model}' does not exist; this server serves '{config.model_name}'",
+        parsed = parse(_json(body), max_tokens)
+        if parsed.model is not None and parsed.model != model_name:
+            raise OpenAIError(404, f"model '{parsed.model}' does not exist; this server serves '{model_name}'",
                               param="model", code="model_not_found")
-        return parsed, *_prepare(runtime, parsed, config.max_prompt_chars)
+        return parsed, *_prepare(runtime, parsed, max_prompt_chars)
 
     async def _answer(request: Request, kind: str):
-        body = await _read_body(request, config.max_body_bytes)
+        body = await _read_body(request, settings.max_body_bytes)
         parsed, ids, params = await run_in_threadpool(_read, body, kind)
         turn = Turn(parsed, params, len(ids), kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                     int(time.time()))
@@ -221,10 +202,10 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
             handle = scheduler.submit_prepared(ids, params, chunk_text=chunked, on_event=on_event)
         except QueueFull as exc:
             raise OpenAIError(429, str(exc), code="queue_full",
-                              headers={"Retry-After": str(config.retry_after_seconds)}) from None
+                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         except SchedulerClosed as exc:
             raise OpenAIError(503, str(exc), code="shutting_down",
-                              headers={"Retry-After": str(config.retry_after_seconds)}) from None
+                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         if parsed.stream:
             return StreamingResponse(_stream(turn, handle, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -236,7 +217,7 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
         if result.finish_reason == "cancelled" and app.state.aborted:
             raise OpenAIError(503, "the server shut down before this request finished; retry on another "
                               "server or later", code="shutting_down",
-                              headers={"Retry-After": str(config.retry_after_seconds)})
+                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         return result
 
     async def _whole(request: Request, turn: Turn, handle, events: asyncio.Queue) -> dict[str, Any]:
@@ -271,7 +252,7 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
                    "finish_reason": finish} if turn.kind == "chat" else
                   {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": finish})
         return {"id": turn.id, "object": "chat.completion" if turn.kind == "chat" else "text_completion",
-                "created": turn.created, "model": config.model_name, "choices": [choice],
+                "created": turn.created, "model": model_name, "choices": [choice],
                 "usage": _usage(turn, len(result.token_ids)), "apd": _apd_report(turn, result)}
 
     async def _stream(turn: Turn, handle, events: asyncio.Queue) -> AsyncIterator[str]:
@@ -286,7 +267,7 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
-            payload = {"id": turn.id, "object": obj, "created": turn.created, "model": config.model_name,
+            payload = {"id": turn.id, "object": obj, "created": turn.created, "model": model_name,
                        "choices": [choice]}
             if turn.parsed.continuous_usage:
                 payload["usage"] = _usage(turn, generated)
@@ -313,7 +294,7 @@ def create_app(runtime: Runtime, scheduler: Scheduler, config: ServerConfig,
             metrics.finished(result, turn.prompt_tokens)
             yield chunk(None, "stop" if stops.stopped else result.finish_reason)
             if turn.parsed.include_usage:
-                yield _sse({"id": turn.id, "object": obj, "created": turn.created, "model": config.model_name,
+                yield _sse({"id": turn.id, "object": obj, "created": turn.created, "model": model_name,
                             "choices": [], "usage": _usage(turn, len(result.token_ids)),
                             "apd": _apd_report(turn, result)})
             yield "data: [DONE]\n\n"
@@ -335,8 +316,9 @@ class Guard:
     content type and the body limit on the POST routes. A plain ASGI middleware (Starlette's
     BaseHTTPMiddleware costs a task and a stream per request)."""
 
-    def __init__(self, app, config: ServerConfig, metrics: Metrics) -> None:
-        self.app, self.config, self.metrics = app, config, metrics
+    def __init__(self, app, settings: ServeSettings, metrics: Metrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.hosts = host_names(settings.host, settings.allowed_hosts)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -364,9 +346,9 @@ class Guard:
             self.metrics.requests.labels(path if path in ROUTES else "other", str(status[0] or 500)).inc()
 
     def _check(self, path: str, method: str, headers: dict[str, str]) -> None:
-        config = self.config
+        config = self.settings
         host = _host_name(headers.get("host", ""))
-        if config.allowed_hosts is not None and host not in config.allowed_hosts:
+        if self.hosts is not None and host not in self.hosts:
             raise OpenAIError(400, f"Host '{host}' is not a name of this server; start it with --allowed-hosts "
                               f"{host or 'NAME'} to answer that name", code="host_not_allowed")
         origin = headers.get("origin")

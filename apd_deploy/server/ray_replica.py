@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,10 @@ from ray import serve
 from apd_deploy.bundle import read_manifest
 from apd_deploy.errors import BundleError, GenerationError
 from apd_deploy.runtime import Runtime
-from apd_deploy.server.app import ServerConfig, create_app
+from apd_deploy.server.app import create_app
 from apd_deploy.server.metrics import labelled_page
 from apd_deploy.server.protocol import OpenAIError
+from apd_deploy.server.settings import ServeSettings
 
 
 def _serve_grpc_on_loopback() -> None:
@@ -59,67 +60,48 @@ DRAIN_POLL_SECONDS = 0.25
 HEALTH_CHECK_SECONDS = 2.0
 
 
-@dataclass(frozen=True)
-class ReplicaSettings:
-    """Everything a replica needs (plain data: it travels to every node)."""
+def for_ray(settings: ServeSettings) -> ServeSettings:
+    """`settings` as every replica reads them: the bundle's absolute path, its manifest's sha256 and
+    whether the engine needs a GPU, the model's name, a thread at least (read here, so that a wrong
+    path or engine fails before anything is deployed)."""
+    path = Path(settings.bundle).resolve()
+    manifest = read_manifest(path, verify="skip")
+    engines, engine = manifest.get("engines", {}), settings.engine
+    if engine is not None and engine not in engines:
+        raise BundleError(f"{path}: no engine named '{engine}' in manifest.json 'engines' "
+                          f"(available: {', '.join(engines) or 'none; build one with apd-deploy build-engine'})")
+    return replace(settings, bundle=str(path), model_name=settings.served_name, threads=settings.threads or 1,
+                   manifest_sha256=hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest(),
+                   gpu=engine is not None and engines[engine].get("device") != "cpu")
 
-    bundle: str  # absolute: replicas do not share the driver's working directory
-    manifest_sha256: str  # the manifest that was read when deploying: a node with another refuses to serve
-    engine: str | None
-    gpu: bool  # the engine runs on a GPU: each replica reserves one
-    threads: int = 1
-    max_batch: int = 8
-    max_queue: int = 64
-    lanes: int = 1
-    model_name: str | None = None
-    api_key: str | None = None
-    max_body_bytes: int = 1 << 20
-    max_tokens: int | None = None
-    grace_seconds: float = 30.0
 
-    @classmethod
-    def for_bundle(cls, bundle: str | Path, engine: str | None = None, model_name: str | None = None,
-                   **server: Any) -> ReplicaSettings:
-        """Settings for serving `bundle` (read here, so that a wrong path or engine fails before
-        anything is deployed) as `model_name` (default: the bundle folder's name); `server`: the
-        other fields, as `apd-deploy serve`'s flags."""
-        path = Path(bundle).resolve()
-        manifest = read_manifest(path, verify="skip")
-        engines = manifest.get("engines", {})
-        if engine is not None and engine not in engines:
-            raise BundleError(f"{path}: no engine named '{engine}' in manifest.json 'engines' "
-                              f"(available: {', '.join(engines) or 'none; build one with apd-deploy build-engine'})")
-        gpu = engine is not None and engines[engine].get("device") != "cpu"
-        return cls(str(path), hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest(), engine, gpu,
-                   model_name=model_name or path.name, **server)
+def deployment_options(settings: ServeSettings, replicas: int | None = None,
+                       autoscale: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Serve's options for the replicas.
 
-    def deployment_options(self, replicas: int | None = None,
-                           autoscale: tuple[int, int] | None = None) -> dict[str, Any]:
-        """Serve's options for the replicas.
-
-        A replica reserves `threads` CPUs (and a GPU for a GPU engine), so Ray places no more
-        replicas on a node than it has cores for. It takes one request more than its scheduler
-        holds (a full batch and a full queue): a full replica answers 429 itself, as the
-        single-process server does, instead of Serve's proxy queueing requests without bound.
-        Autoscaling aims at a full batch decoding on each replica.
-        """
-        options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.threads, "num_gpus": 1 if self.gpu else 0},
-            "max_ongoing_requests": self.max_batch + self.max_queue + 1,
-            "graceful_shutdown_timeout_s": self.grace_seconds,
-            # How often a stopping replica looks whether its requests are done (Serve's default: 2 s).
-            "graceful_shutdown_wait_loop_s": DRAIN_POLL_SECONDS,
-            # Serve learns that a replica's process died from its next health check (default every
-            # 10 s): the check is a flag's read, so a dead replica is replaced within about 2 s.
-            "health_check_period_s": HEALTH_CHECK_SECONDS,
-        }
-        if autoscale is not None:
-            low, high = autoscale
-            options["autoscaling_config"] = {"min_replicas": low, "initial_replicas": low, "max_replicas": high,
-                                             "target_ongoing_requests": self.max_batch}
-        else:
-            options["num_replicas"] = replicas or 1
-        return options
+    A replica reserves `threads` CPUs (and a GPU for a GPU engine), so Ray places no more
+    replicas on a node than it has cores for. It takes one request more than its scheduler
+    holds (a full batch and a full queue): a full replica answers 429 itself, as the
+    single-process server does, instead of Serve's proxy queueing requests without bound.
+    Autoscaling aims at a full batch decoding on each replica.
+    """
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": settings.threads, "num_gpus": 1 if settings.gpu else 0},
+        "max_ongoing_requests": settings.max_batch + settings.max_queue + 1,
+        "graceful_shutdown_timeout_s": settings.grace_seconds,
+        # How often a stopping replica looks whether its requests are done (Serve's default: 2 s).
+        "graceful_shutdown_wait_loop_s": DRAIN_POLL_SECONDS,
+        # Serve learns that a replica's process died from its next health check (default every
+        # 10 s): the check is a flag's read, so a dead replica is replaced within about 2 s.
+        "health_check_period_s": HEALTH_CHECK_SECONDS,
+    }
+    if autoscale is not None:
+        low, high = autoscale
+        options["autoscaling_config"] = {"min_replicas": low, "initial_replicas": low, "max_replicas": high,
+                                         "target_ongoing_requests": settings.max_batch}
+    else:
+        options["num_replicas"] = replicas or 1
+    return options
 
 
 def node_name() -> str:
@@ -128,7 +110,7 @@ def node_name() -> str:
             f"Ray node {ray.get_runtime_context().get_node_id()})")
 
 
-def check_here(settings: ReplicaSettings) -> None:
+def check_here(settings: ServeSettings) -> None:
     """The bundle on this node, checked before it takes traffic: its manifest must be the driver's,
     and every file the engine reads must match the manifest's sha256, hashed in full (this node's
     copy may differ in content while its size and time match). Errors name the node and the file."""
@@ -145,7 +127,7 @@ def check_here(settings: ReplicaSettings) -> None:
         raise BundleError(f"{node_name()}: {exc}") from None
 
 
-def check_every_node(settings: ReplicaSettings) -> None:
+def check_every_node(settings: ServeSettings) -> None:
     """`check_here` at once on every node that could hold a replica (enough CPUs, a GPU if the
     engine needs one), before anything is deployed: one error lists each node whose bundle is
     missing or differs. A node that joins later is checked by the replicas Serve places on it.
@@ -208,19 +190,18 @@ class MetricsBoard:
 class Replica:
     """One copy of the server, which the gateway calls once per HTTP request (`http`)."""
 
-    async def __init__(self, settings: ReplicaSettings, board) -> None:
+    async def __init__(self, settings: ServeSettings, board) -> None:
         _serve_grpc_on_loopback()
         self.settings, self.board = settings, board
         check_here(settings)
         self.runtime = Runtime.load(settings.bundle, engine=settings.engine, threads=settings.threads, verify="skip")
         self.scheduler = self.runtime.scheduler(max_batch=settings.max_batch, max_queue=settings.max_queue,
                                                 lanes=settings.lanes)
-        config = ServerConfig.for_runtime(self.runtime, settings.model_name, settings.api_key,
-                                          settings.max_body_bytes, settings.max_tokens)
         self.id = serve.get_replica_context().replica_id.unique_id
         self.labels = {"replica": self.id, "node": socket.gethostname(),
                        "node_id": ray.get_runtime_context().get_node_id(), "pid": str(os.getpid())}
-        self.app = create_app(self.runtime, self.scheduler, config, render_metrics=self.page)
+        # Behind Serve's proxy: any Host name is answered (the flags that would narrow them are refused with --ray).
+        self.app = create_app(self.runtime, self.scheduler, replace(settings, host=None), render_metrics=self.page)
         self.registry = self.app.state.metrics.registry
         self.pusher = asyncio.get_running_loop().create_task(self.push_forever())
 
@@ -344,7 +325,7 @@ class Gateway:
                 response.cancel()  # the client went away: the replica's request goes too (a no-op once done)
 
 
-def application(settings: ReplicaSettings, replica_options: dict[str, Any]):
+def application(settings: ServeSettings, replica_options: dict[str, Any]):
     """The Serve application: the gateway, the replicas (with `replica_options`) and their metrics
     board. The gateway takes as many requests as every replica can hold: a full replica answers
     429 itself."""

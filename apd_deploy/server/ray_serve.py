@@ -41,7 +41,8 @@ def build_app(args: dict[str, Any]):
     (threads, max_batch, max_queue, lanes, served_model_name, api_key, max_tokens, max_body_bytes,
     grace_seconds); without api_key, APD_API_KEY where Serve builds the application. Each replica
     checks the bundle on its node before it serves."""
-    from apd_deploy.server.ray_replica import ReplicaSettings, application
+    from apd_deploy.server.ray_replica import application, deployment_options, for_ray
+    from apd_deploy.server.settings import ServeSettings
 
     known = {"bundle", "engine", "replicas", "autoscale", "threads", "max_batch", "max_queue", "lanes",
              "served_model_name", "api_key", "max_tokens", "max_body_bytes", "grace_seconds"}
@@ -55,18 +56,17 @@ def build_app(args: dict[str, Any]):
             check_integer(f"Serve config 'args' field '{field}'", args[field], 1)
     if args.get("grace_seconds") is not None:
         Param("Serve config 'args' field 'grace_seconds'", float, 0, "", "", low=0).check(args["grace_seconds"])
-    server = {k: v for k, v in args.items() if k not in ("bundle", "engine", "replicas", "autoscale",
-                                                         "served_model_name")}
+    server = {k: v for k, v in args.items() if k not in ("replicas", "autoscale", "served_model_name")}
     # A key from the environment (a Secret's) rather than the config file, as the CLI's APD_API_KEY.
     server["api_key"] = args.get("api_key") or os.environ.get("APD_API_KEY")
-    settings = ReplicaSettings.for_bundle(args["bundle"], args.get("engine"), args.get("served_model_name"), **server)
+    settings = for_ray(ServeSettings(model_name=args.get("served_model_name"), **server))
     autoscale = parse_autoscale(args["autoscale"]) if args.get("autoscale") else None
-    return application(settings, settings.deployment_options(args.get("replicas"), autoscale))
+    return application(settings, deployment_options(settings, args.get("replicas"), autoscale))
 
 
-def serve_on_ray(settings, options: dict[str, Any], host: str, port: int, ray_address: str | None,
-                 proxy_every_node: bool) -> None:
-    """Serve `settings` (a `ReplicaSettings`) as Serve deployment `options` until SIGTERM/SIGINT."""
+def serve_on_ray(settings, options: dict[str, Any], ray_address: str | None, proxy_every_node: bool) -> None:
+    """Serve `settings` (a ServeSettings, `for_ray`) as Serve deployment `options` until SIGTERM/SIGINT."""
+    host, port = settings.host, settings.port
     # Ray reports usage to its developers unless told not to; the user may still opt in.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray

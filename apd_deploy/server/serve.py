@@ -15,28 +15,17 @@ import asyncio
 import socket
 import signal
 import sys
-from dataclasses import dataclass
-
 import uvicorn
 
 from apd_deploy.errors import ApdDeployError
 from apd_deploy.runtime import Runtime
-from apd_deploy.server.app import ServerConfig, create_app, is_loopback, is_wildcard
+from apd_deploy.server.app import create_app, is_loopback, is_wildcard
 from apd_deploy.server.head_timeout import head_timeout_protocol
+from apd_deploy.server.settings import ServeSettings
 
 # Past the grace period the requests still running are cancelled; this long is left for their 503s
 # to be written before uvicorn cancels what remains.
 ABORT_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """What bounds a connection (the flags of `serve`)."""
-
-    header_timeout: float = 10.0  # seconds to send a request head
-    max_header_bytes: int = 16384  # a request line and headers larger get 400
-    keep_alive_seconds: float = 5.0  # an idle connection between requests is closed after this
-    max_connections: int = 1024  # connections and requests in flight; beyond, 503
 
 
 class DrainingServer(uvicorn.Server):
@@ -86,28 +75,23 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
     return None
 
 
-def serve(bundle: str, engine: str | None, host: str, port: int, max_batch: int, max_queue: int, lanes: int,
-          threads: int | None, api_key: str | None, model_name: str | None, max_tokens: int | None,
-          max_body_bytes: int, grace_seconds: float, limits: ConnectionLimits = ConnectionLimits(),
-          allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
-          metrics_key_required: bool = False) -> None:
-    if (warning := exposure_warning(host, api_key)) is not None:
+def serve(settings: ServeSettings) -> None:
+    s = settings
+    if (warning := exposure_warning(s.host, s.api_key)) is not None:
         print(warning, file=sys.stderr, flush=True)
-    sock = bind(host, port)
-    runtime = Runtime.load(bundle, engine=engine, threads=threads)
-    scheduler = runtime.scheduler(max_batch=max_batch, max_queue=max_queue, lanes=lanes)
-    config = ServerConfig.for_runtime(runtime, model_name, api_key, max_body_bytes, max_tokens, host=host,
-                                      allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
-                                      metrics_key_required=metrics_key_required)
-    app = create_app(runtime, scheduler, config)
+    sock = bind(s.host, s.port)
+    runtime = Runtime.load(s.bundle, engine=s.engine, threads=s.threads)
+    scheduler = runtime.scheduler(max_batch=s.max_batch, max_queue=s.max_queue, lanes=s.lanes)
+    app = create_app(runtime, scheduler, s)
     server = DrainingServer(uvicorn.Config(
-        app, http=head_timeout_protocol(limits.header_timeout), h11_max_incomplete_event_size=limits.max_header_bytes,
-        timeout_keep_alive=limits.keep_alive_seconds, limit_concurrency=limits.max_connections, log_level="warning",
-        access_log=False, timeout_graceful_shutdown=grace_seconds + ABORT_SECONDS, lifespan="off"), app, grace_seconds)
+        app, http=head_timeout_protocol(s.header_timeout), h11_max_incomplete_event_size=s.max_header_bytes,
+        timeout_keep_alive=s.keep_alive_seconds, limit_concurrency=s.max_connections, log_level="warning",
+        access_log=False, timeout_graceful_shutdown=s.grace_seconds + ABORT_SECONDS, lifespan="off"), app,
+        s.grace_seconds)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    print(f"serving {bundle} as '{config.model_name}' on http://{shown}:{bound_port} (max batch {max_batch}, "
-          f"queue {max_queue}{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+    print(f"serving {s.bundle} as '{s.served_name}' on http://{shown}:{bound_port} (max batch {s.max_batch}, "
+          f"queue {s.max_queue}{', API key required' if s.api_key else ''})", file=sys.stderr, flush=True)
     # uvicorn re-raises a signal it caught once its graceful shutdown is over, to the handler that
     # was there before it: by then the drain is done, so that handler only lets the process exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -115,5 +99,5 @@ def serve(bundle: str, engine: str | None, host: str, port: int, max_batch: int,
     try:
         server.run(sockets=[sock])
     finally:
-        scheduler.close(cancel=True, timeout=grace_seconds)
+        scheduler.close(cancel=True, timeout=s.grace_seconds)
     print("stopped", file=sys.stderr, flush=True)
