@@ -98,13 +98,11 @@ def build_engine(
             defaults = manifest["apd_defaults"]
             profiles = {role: derive_profiles(role, max_seq_len, defaults["kv_window"], defaults["max_lookahead"],
                                               max_batch, opt_window, max_logit_rows) for role in ("dllm", "verifier")}
-            cache_file = Path(timing_cache) if timing_cache else final / "timing.cache"
-            previous = cache_file.read_bytes() if cache_file.is_file() else b""
-            record, cache = build_tensorrt(bundle, manifest, precision, profiles, max_batch, max_seq_len, previous, staging)
-            (staging / "timing.cache").write_bytes(cache)
-            if timing_cache:
-                Path(timing_cache).write_bytes(cache)
-            record["timing_cache"] = f"engines/{name}/timing.cache"
+            # The timing cache of the previous build is reused only if this TensorRT on this GPU made it.
+            record = build_tensorrt(bundle, manifest, precision, profiles, max_batch, max_seq_len,
+                                    Path(timing_cache) if timing_cache else None, final, staging, report)
+            if "timing_cache" in record:
+                record["timing_cache"] = f"engines/{name}/{record['timing_cache']}"
         record["graphs"] = {role: f"engines/{name}/{path}" for role, path in record["graphs"].items()}
         staging.chmod(0o755)
         if final.exists():

@@ -13,6 +13,14 @@ instead of for the longest possible prefill. Logits are asked for at most M + 1 
 a batched call asks for the rows of all its requests, so `logit_len` grows with the batch.
 TensorRT reserves memory for the largest shape of a profile, and logits for a whole prefill window
 would not fit: [32768, 152064] in fp32 is 19.9 GB.
+
+The activations TensorRT reserves are estimated at build time (`activation_bytes`) with this model:
+the exported attention materialises its scores in fp32, [batch, kv_heads, group, S, T] (S the
+window, T = past + S), and SCORE_COPIES of them are alive at once in a layer (the scaled scores cast
+to fp32, the masked ones, the softmax); layers run one after another, so one layer's copies bound
+the peak. The logits [rows, vocab] in fp32 come on top. At Dream-7B's widths (28 query heads) one
+copy at a 4096-token prefill is 1.88 GB; the batch and the past multiply it. `--opt-window` only
+chooses the shapes kernels are tuned for; TensorRT reserves memory for the largest ones.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 Range = tuple[int, int, int]  # (min, opt, max)
+SCORE_COPIES = 3
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,13 @@ class Profile:
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def activation_bytes(profile: Profile, config: dict) -> int:
+    """Estimated activation memory of one model's engine at `profile`'s largest shapes (model above)."""
+    batch, window, past = profile.batch[2], profile.seq_len[2], profile.past_len[2]
+    scores = 4 * batch * config["num_attention_heads"] * window * (past + window)
+    return SCORE_COPIES * scores + 4 * profile.logit_len[2] * config["vocab_size"]
 
 
 def _range(low: int, opt: int, high: int) -> Range:

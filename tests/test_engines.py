@@ -17,7 +17,7 @@ from apd_deploy.bundle import read_manifest, sha256_file, store_manifest
 from apd_deploy.engines import build as build_module
 from apd_deploy.engines.build import build_engine
 from apd_deploy.engines.profiles import derive_profiles
-from apd_deploy.engines.tensorrt_build import precision_plan, tensorrt_record
+from apd_deploy.engines.tensorrt_build import tensorrt_record
 from apd_deploy.errors import ApdDeployError, BackendUnavailable, EngineMismatch, GenerationError
 from apd_deploy.runtime import Runtime
 from apd_deploy.runtime.tensorrt_engine import check_engine_record, select_profile
@@ -185,7 +185,7 @@ def test_default_max_seq_len_is_a_sane_context(tiny_bundle, tmp_path, monkeypatc
     """A 131072-position model gets 4096-position profiles unless --max-seq-len raises it."""
     seen = {}
 
-    def fake_build(bundle, manifest, precision, profiles, max_batch, max_seq_len, previous, staging):
+    def fake_build(bundle, manifest, precision, profiles, max_batch, max_seq_len, *cache_and_output):
         seen.update(max_seq_len=max_seq_len, profiles=profiles)
         raise BackendUnavailable("stop here")
 
@@ -213,7 +213,8 @@ def test_profiles_hold_every_call_the_runtime_makes(tiny_bundle, monkeypatch):
 
         def recording(batch, role=role, original=original):
             calls.append((role, len(batch), max(len(c.ids) for c in batch), max(c.cache.length for c in batch),
-                          sum(len(c.ids) if c.rows is None else len(c.rows) for c in batch)))
+                          sum(len(c.ids) if c.rows is None else len(c.rows) for c in batch),
+                          max(c.cache.buffer.shape[4] for c in batch)))
             return original(batch)
 
         monkeypatch.setattr(engine, "run", recording)
@@ -225,45 +226,28 @@ def test_profiles_hold_every_call_the_runtime_makes(tiny_bundle, monkeypatch):
     runtime.generate(PROMPT, alg="diffusion", max_new_tokens=101, steps=4)  # 101 masked rows: M + 1
     runtime.generate_many([[5], list(range(60)), PROMPT, [7, 8]], max_batch=4, max_new_tokens=200)
     assert {role for role, *_ in calls} == {"dllm", "verifier"} and max(batch for _, batch, *_ in calls) == 4
-    for role, batch, seq_len, past_len, logit_len in calls:
-        select_profile(profiles[role], batch, seq_len, past_len, logit_len)
+    for role, batch, seq_len, past_len, logit_len, capacity in calls:
+        select_profile(profiles[role], batch, seq_len, past_len, logit_len, capacity)
 
 
 def test_select_profile_prefers_steady_state_and_explains_misses():
     profiles = [p.to_dict() for p in derive_profiles("dllm", 512, 16, 100)]
-    assert select_profile(profiles, 1, 116, 300, 100) == 0
-    assert select_profile(profiles, 1, 400, 0, 100) == 1
+    assert select_profile(profiles, 1, 116, 300, 100, 512) == 0
+    assert select_profile(profiles, 1, 400, 0, 100, 512) == 1
     with pytest.raises(GenerationError, match="rebuild the engine with a larger --max-seq-len"):
-        select_profile(profiles, 1, 300, 10, 100)
+        select_profile(profiles, 1, 300, 10, 100, 512)
     with pytest.raises(GenerationError, match="at most 101 per call.*--max-logit-rows 200"):
-        select_profile(profiles, 1, 300, 0, 200)
+        select_profile(profiles, 1, 300, 0, 200, 512)
     with pytest.raises(GenerationError, match="batches 2 requests; the engine was built for at most 1.*--max-batch 2"):
-        select_profile(profiles, 2, 116, 300, 100)
+        select_profile(profiles, 2, 116, 300, 100, 512)
     batched = [p.to_dict() for p in derive_profiles("dllm", 512, 16, 100, max_batch=8)]
-    assert select_profile(batched, 8, 116, 300, 800) == 0  # logit rows: M per request
-    assert select_profile(batched, 8, 300, 10, 100) == 1  # a prefill beside cached requests
-
-
-@pytest.mark.parametrize("major, exported, precision, plan", [
-    (10, "fp32", "fp32", (False, [])), (10, "fp32", "fp16", (False, ["FP16"])), (10, "fp32", "bf16", (False, ["BF16"])),
-    (10, "fp16", "fp16", (True, [])), (11, "fp16", "fp16", (True, [])), (11, "fp32", "fp32", (True, [])),
-])
-def test_tensorrt_precision_rules(major, exported, precision, plan):
-    assert precision_plan(major, exported, precision) == plan
-
-
-@pytest.mark.parametrize("major, exported, precision, message", [
-    (11, "fp32", "fp16", "strongly typed.*re-export with `apd-deploy export --dtype fp16`"),
-    (10, "fp16", "bf16", "exported in fp16"),
-])
-def test_tensorrt_precision_refusals(major, exported, precision, message):
-    with pytest.raises(ApdDeployError, match=message):
-        precision_plan(major, exported, precision)
+    assert select_profile(batched, 8, 116, 300, 800, 512) == 0  # logit rows: M per request
+    assert select_profile(batched, 8, 300, 10, 100, 512) == 1  # a prefill beside cached requests
 
 
 def _tensorrt_record(version="10.13.0.35", capability="9.0"):
     profiles = {role: derive_profiles(role, 512, 16, 100) for role in ("dllm", "verifier")}
-    record = tensorrt_record("fp16", version, capability, "NVIDIA H100", profiles, 1, 512, False, ["FP16"])
+    record = tensorrt_record("fp16", version, capability, "NVIDIA H100", profiles, 1, 512)
     record["graphs"] = {role: f"engines/tensorrt-cuda-fp16/{path}" for role, path in record["graphs"].items()}
     return record
 
