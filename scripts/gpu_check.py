@@ -1,6 +1,7 @@
 """GPU check: build engines for a tiny bundle, generate with every backend this machine has, and
-compare the tokens with the CPU numpy run at temperature 0. Prints a table; each backend whose
-package or GPU is missing is skipped with the reason. Exit status 1 if a backend that ran
+compare the tokens with the CPU numpy run at temperature 0, and each engine's logits for the same
+calls (a prefill and a cached window per model) with the CPU graphs'. Prints a table; each backend
+whose package or GPU is missing is skipped with the reason. Exit status 1 if a backend that ran
 produced other tokens. Meant to finish well under ten minutes on one GPU.
 
     bash scripts/gpu_check.sh [--bundle DIR] [--work DIR]
@@ -15,8 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from apd_deploy.errors import BackendUnavailable
 from apd_deploy.runtime import Runtime
+from apd_deploy.runtime.arrays import to_host
+from apd_deploy.runtime.engine import EngineCall
 
 PROMPTS = ([72, 101, 108, 108, 111], list(range(30, 47)))
 RUNS = (("apd", {}), ("apd", {"apd_mixture_weight": 0.3, "kv_window": 4, "max_lookahead": 16}),
@@ -55,6 +60,20 @@ def generations(runtime: Runtime, max_new_tokens: int) -> tuple[list[list[int]],
     return tokens, count / (time.perf_counter() - started)
 
 
+def logits_gap(runtime: Runtime, reference: Runtime) -> float:
+    """Largest |logit difference| against the CPU graphs over a prefill and a cached window of each model."""
+    gap = 0.0
+    for engine, cpu in ((runtime.dllm, reference.dllm), (runtime.verifier, reference.verifier)):
+        caches = engine.new_cache(64), cpu.new_cache(64)
+        for ids in (np.arange(30, 47), np.arange(5, 12)):
+            (logits, new_kv), = engine.run([EngineCall(ids, caches[0])])
+            (expected, cpu_kv), = cpu.run([EngineCall(ids, caches[1])])
+            gap = max(gap, float(np.abs(to_host(logits).astype(np.float32) - expected).max()))
+            caches[0].append(new_kv)
+            caches[1].append(cpu_kv)
+    return gap
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, help="a bundle to check (copied); default: export a tiny random pair")
@@ -72,17 +91,19 @@ def main() -> int:
 
     from apd_deploy.engines.build import build_engine
 
-    expected, speed = generations(Runtime.load(bundle), args.max_new_tokens)
+    reference = Runtime.load(bundle)
+    expected, speed = generations(reference, args.max_new_tokens)
     rows = [("onnxruntime CPU graphs, numpy (reference)", "ran", "-", f"{speed:.0f}")]
     differed = False
     built = set()
     for label, build, load in BACKENDS:
         try:
             if build and build not in built:
-                build_engine(bundle, *build)
+                build_engine(bundle, *build, report=lambda line: print(f"  {line}", flush=True))
                 built.add(build)
             runtime = Runtime.load(bundle, **load)
             tokens, speed = generations(runtime, args.max_new_tokens)
+            gap = logits_gap(runtime, reference) if build else None
         except BackendUnavailable as exc:
             rows.append((label, "skipped", str(exc), "-"))
             continue
@@ -95,7 +116,8 @@ def main() -> int:
             label += f" [CUDA graphs refused: {refused}]"
         same = sum(a == b for a, b in zip(tokens, expected))
         differed |= same != len(expected)
-        rows.append((label, "ran", f"{same}/{len(expected)} generations identical", f"{speed:.0f}"))
+        logits = "" if gap is None else f", logits within {gap:.1e}"
+        rows.append((label, "ran", f"{same}/{len(expected)} generations identical{logits}", f"{speed:.0f}"))
 
     widths = [max(len(r[i]) for r in rows + [("backend", "status", "tokens vs CPU numpy", "tokens/s")]) for i in range(4)]
     for row in [("backend", "status", "tokens vs CPU numpy", "tokens/s"), *rows]:
