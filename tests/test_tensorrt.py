@@ -18,8 +18,8 @@ from apd_deploy.engines.tensorrt_build import build_tensorrt, precision_plan, te
 from apd_deploy.errors import ApdDeployError, BundleError, GenerationError
 from apd_deploy.runtime.engine import DecoderSpec, EngineCall
 from apd_deploy.runtime.tensorrt_engine import TensorRTDecoder, select_profile
-from tests.fake_tensorrt import (ALIGNMENT, DataType, EngineSpec, ExecutionContextAllocationStrategy, FakeTensorRT,
-                                 TensorIOMode, fake_cupy, install)
+from fake_tensorrt import (ALIGNMENT, DataType, EngineSpec, ExecutionContextAllocationStrategy, FakeTensorRT,
+                           TensorIOMode, fake_cupy, install)
 
 KV_DIMS = (2, 2, 4)  # 128 bytes per fp32 position: a slot of an odd capacity starts misaligned
 VOCAB = 32
