@@ -32,6 +32,7 @@ EXPORT_INSTALL_HINT = "install the export extra: pip install torch==2.13.0 'apd-
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 ALGS = Parsed(parse_algs, "algs")
 LEVELS = Parsed(parse_levels, "levels")
+NAMES = Parsed(lambda text: tuple(name.strip() for name in text.split(",") if name.strip()), "names")  # comma-separated
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -313,11 +314,6 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: list[AlgSpec]
         click.echo(format_table(results))
 
 
-def _names(value: str) -> tuple[str, ...]:
-    """A comma-separated list of names (--allowed-hosts, --allowed-origins)."""
-    return tuple(name.strip() for name in value.split(",") if name.strip())
-
-
 @cli.command("serve", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
@@ -348,10 +344,10 @@ def _names(value: str) -> tuple[str, ...]:
               help="An idle connection between requests is closed after this.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Open connections and requests in flight; beyond it requests get 503.")
-@click.option("--allowed-hosts", callback=lambda _, __, v: _names(v), default="",
+@click.option("--allowed-hosts", type=NAMES, default="",
               help="Comma-separated Host names answered besides the bound address and localhost ('*': any)  "
               "[default with --host 0.0.0.0: any]")
-@click.option("--allowed-origins", callback=lambda _, __, v: _names(v), default="",
+@click.option("--allowed-origins", type=NAMES, default="",
               help="Comma-separated browser origins (https://app.example) allowed to call the API, with CORS; "
               "requests from other origins get 403  [default: none]")
 @click.option("--metrics-key-required", is_flag=True, help="/metrics asks for --api-key too (Prometheus: "

@@ -83,8 +83,9 @@ def param_option(name: str, **changes: Any) -> Callable[[Any], Any]:
     p = PARAM[name]
     kind = (click.Choice(p.choices) if p.choices else click.IntRange(p.low, p.high) if p.type is int
             else FiniteFloat(p.low, p.high, min_open=p.low_open))
+    shown = p.default_help or (f"the bundle's, {p.default}" if p.group == "apd" else p.default)
     return click.option(p.flag, p.name, **{"type": kind, "default": None if p.group == "apd" else p.default,
-                                           "help": f"{p.help}  [default: {p.default_text}]", **changes})
+                                           "help": f"{p.help}  [default: {shown}]", **changes})
 
 
 def param_options(*names: str) -> Callable[[Any], Any]:

@@ -3,7 +3,6 @@
 import re
 from collections.abc import Callable
 
-# `{name}`: the parameter at fault; `{max_new_tokens}`: another one a message names beside it.
 PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 
 
@@ -39,9 +38,8 @@ class GenerationError(ApdDeployError):
     def in_terms_of(self, name: str | None, name_of: Callable[[str], str] = str) -> str:
         """The message with the parameter called `name` (a flag, a body field), any other it names
         called `name_of(keyword)`."""
-        if not self.param:
-            return self.template
-        return PLACEHOLDER.sub(lambda m: (name or "") if m[1] == "name" else name_of(m[1]), self.template)
+        fill = PLACEHOLDER.sub(lambda m: (name or "") if m[1] == "name" else name_of(m[1]), self.template)
+        return fill if self.param else self.template
 
 
 class BackendUnavailable(ApdDeployError):

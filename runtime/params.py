@@ -27,14 +27,6 @@ DEFAULT_MAX_NEW_TOKENS = 128
 SEED_LIMIT = 2**63
 
 
-def is_integer(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_integer(name: str, value: Any, low: int, high: int | None = None) -> None:
     """Raise GenerationError unless `value` is an integer in [low, high] (no upper bound if None):
     a setting outside the table (threads, --repeat)."""
@@ -69,11 +61,6 @@ class Param:
     def field(self) -> str | None:
         return self.name if self.http_field == "" else self.http_field
 
-    @property
-    def default_text(self) -> str:
-        """The default as --help shows it."""
-        return self.default_help or (f"the bundle's, {self.default}" if self.group == "apd" else str(self.default))
-
     def check(self, value: Any, high: float | None = None) -> None:
         """Raise GenerationError (`param`: this one) unless `value` is in range; `high` tightens
         the upper bound (a server's limit). None is fine where the default is None."""
@@ -91,13 +78,14 @@ class Param:
             if not isinstance(value, bool):
                 refuse(f"{{name}} must be true or false, got {value!r}")
         elif self.type is int:
-            if not is_integer(value):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 refuse(f"{{name}} must be an integer, got {value!r}")
             if value < self.low:
                 refuse(f"{{name}} must be at least {self.low}, got {value}")
             if high is not None and value > high:
                 refuse(f"{{name}} must be at most {high}, got {value}")
-        elif not is_finite_number(value):
+        elif (not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool)
+              or not math.isfinite(value)):
             refuse(f"{{name}} must be a finite number, got {value!r}")
         elif value < self.low or value == self.low and self.low_open or high is not None and value > high:
             allowed = (f"at least {self.low:g}" if high is None else
@@ -138,8 +126,7 @@ PARAM = {p.name: p for p in PARAMS}
 DEFAULTS = {p.name: p.default for p in PARAMS}
 
 
-def group(name: str) -> dict[str, Param]:
-    """The parameters of a group, by keyword, in the table's order."""
+def group(name: str) -> dict[str, Param]:  # by keyword, in the table's order
     return {p.name: p for p in PARAMS if p.group == name}
 
 

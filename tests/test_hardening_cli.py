@@ -100,7 +100,7 @@ def test_options_come_from_the_parameter_table():
     for param in PARAMS:
         if param.flag:
             assert options[param.name].opts == [param.flag] and options[param.name].help.startswith(param.help)
-            assert f"[default: {param.default_text}]" in options[param.name].help
+            assert f"[default: {param.default_help or ''}" in options[param.name].help
 
 
 def test_commands_receive_parsed_values():

@@ -35,6 +35,5 @@ class ServeSettings:
     gpu: bool = False  # Ray: the engine runs on a GPU, so each replica reserves one
 
     @property
-    def served_name(self) -> str:
-        """The model name clients send."""
+    def served_name(self) -> str:  # the model name clients send
         return self.model_name or Path(self.bundle).resolve().name
