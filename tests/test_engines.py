@@ -125,7 +125,8 @@ def test_rebuild_replaces_the_engine(bundle):
     pytest.param(dict(backend="tensorrt"), "TensorRT is not installed",
                  marks=pytest.mark.skipif(_has_tensorrt(), reason="this machine has TensorRT")),
     (dict(backend="tensorrt", device="cpu"), "the tensorrt backend runs on cuda"),
-    (dict(backend="openvino"), "--backend must be one of"),
+    (dict(backend="tvm"), "--backend must be one of"),
+    (dict(backend="openvino", device="cuda"), "the openvino backend runs on cpu"),
     (dict(backend="onnxruntime", max_seq_len=4096), "exceeds the models' 512 positions"),
 ])
 def test_failed_builds_leave_the_bundle_as_it_was(bundle, args, message):
