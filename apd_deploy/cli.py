@@ -600,3 +600,50 @@ def bench_concurrency(runtime: Any, levels: list[int], lanes: int, algs: list[Al
     click.echo(format_levels(rows))
     click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
 
+
+@cli.command("triton-repo", context_settings=CONTEXT)
+@click.argument("bundle", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
+@click.option("--model-name", help="The model's name in Triton (its folder in OUT)  [default: the bundle folder's name]")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests decoded together by each instance (slots of its scheduler).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests waiting for a slot; beyond it a request gets an UNAVAILABLE error (retry later).")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances (stub processes), each with the bundle loaded and its own scheduler.")
+@threads_option
+@click.option("--python-env", type=click.Path(file_okay=False),
+              help="The environment Triton's Python stub runs the model in (numpy < 2, apd-deploy installed)  "
+                   "[default: this Python's]")
+@click.option("--copy-bundle", is_flag=True, help="Copy the bundle into the repository (self-contained) instead of "
+              "naming its path.")
+@user_errors
+def triton_repo_command(bundle: str, out: str, engine: str | None, model_name: str | None, max_batch: int,
+                        max_queue: int, instances: int, threads: int | None, python_env: str | None,
+                        copy_bundle: bool) -> None:
+    """Write a Triton model repository (OUT/MODEL) serving BUNDLE as a decoupled Python-backend model."""
+    from apd_deploy.triton.repository import write_repository
+
+    model = write_repository(bundle, out, model_name, engine, max_batch, max_queue, instances, threads, python_env,
+                             copy_bundle)
+    click.echo(f"wrote {model}; serve it with: apd-deploy triton-serve {out}")
+
+
+@cli.command("triton-serve", context_settings=CONTEXT)
+@click.argument("repo", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address of the HTTP, gRPC and metrics ports.")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="HTTP port (/v2/models/NAME/generate_stream).")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="gRPC port.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True,
+              help="Prometheus metrics port (/metrics).")
+@click.option("--grace-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On SIGTERM, how long requests in flight may take to finish.")
+@user_errors
+def triton_serve_command(repo: str, host: str, http_port: int, grpc_port: int, metrics_port: int,
+                         grace_seconds: float) -> int:
+    """Serve a model repository (apd-deploy triton-repo) with tritonserver from the nvidia-pytriton wheel."""
+    from apd_deploy.triton.server import triton_serve
+
+    return triton_serve(repo, host, http_port, grpc_port, metrics_port, grace_seconds)
