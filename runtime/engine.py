@@ -20,7 +20,7 @@ import numpy as np
 from apd_deploy.accelerators import default_threads
 from apd_deploy.bundle import kv_dims
 from apd_deploy.errors import BundleError
-from apd_deploy.runtime.arrays import to_host
+from apd_deploy.runtime.arrays import synchronize, to_host
 from apd_deploy.runtime.fixed_shapes import FixedShape, PaddedInputs
 from apd_deploy.runtime.kv_cache import KVCache, KVSlots, stacked_past
 
@@ -88,6 +88,22 @@ class DecoderEngine(Protocol):
         call. Returns, per call, logits [len(rows), vocab] and the window's keys/values
         [1, ..., n, head_dim]. The caches themselves are not changed. The returned arrays may be
         the engine's own buffers: valid until its next call."""
+
+
+@dataclass(frozen=True)
+class SynchronizedEngine:
+    """An engine whose calls return once their work is done (a GPU call returns before), so that the
+    time around a call is the model's (`Runtime.timed`)."""
+
+    engine: DecoderEngine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def run(self, calls: Sequence[EngineCall]) -> list[tuple[Any, Any]]:
+        outputs = self.engine.run(calls)
+        synchronize(self.engine.xp)
+        return outputs
 
 
 def batch_feed(xp: ModuleType, calls: Sequence[EngineCall], arange) -> tuple[dict[str, Any], list[int]]:

@@ -1,15 +1,17 @@
 """What a request yields: its chunks as steps commit them, and its result at the end.
 
-`Progress` turns one request's decoding steps into chunks and a `GenerationResult`; the same
-code serves a request decoded alone (`Runtime.generate`) and one decoded in a batch
-(`scheduler.py`), so both report alike.
+`Progress` turns one request's decoding steps into chunks and a `GenerationResult`, which its
+`Generation` hands to whoever waits; the same code serves a request decoded alone
+(`Runtime.stream`) and one decoded in a batch (`scheduler.py`), so both report alike.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -46,15 +48,69 @@ class Chunk:
     text: str | None
 
 
-@dataclass
-class Generation:
-    """Iterate for the chunks as they are committed; `result` is set once iteration ends."""
+_END = object()  # closes a generation's chunk queue
 
-    _chunks: Iterator[Chunk]
-    result: GenerationResult | None = field(default=None)
+
+class Generation:
+    """A request's generation: iterate for its chunks as steps commit them, `result()` for the
+    whole generation, `cancel()` to stop it. Decoded alone (`Runtime.stream`), asking for a chunk
+    runs the steps on the asking thread (`drive`: one step); submitted to a scheduler, a lane's
+    thread runs them, and the handle may be used from any thread."""
+
+    def __init__(self, request_id: int = 0, on_event: Callable[[Chunk | None], None] | None = None,
+                 on_cancel: Callable[[Generation], None] | None = None, drive: Callable[[], None] | None = None) -> None:
+        self.id = request_id
+        self._on_event, self._on_cancel, self._drive = on_event, on_cancel, drive
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._result: GenerationResult | None = None
+        self._error: BaseException | None = None
+        self.cancelled = False  # set by `cancel`: the next step ends the request
 
     def __iter__(self) -> Iterator[Chunk]:
-        return self._chunks
+        while True:
+            while self._drive is not None and self._chunks.empty() and not self.done:
+                self._drive()
+            if (chunk := self._chunks.get()) is _END:
+                break
+            yield chunk
+        self._chunks.put(_END)  # iterated again, it ends at once
+        if self._error is not None:
+            raise self._error
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """The finished generation (its `finish_reason` is 'cancelled' after `cancel()`); raises
+        the error that ended the request, or TimeoutError after `timeout` seconds."""
+        while self._drive is not None and not self.done:
+            self._drive()
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop the request at its next step; its slot and cache rows go to the next request. A
+        request still queued ends at once and gives up its place in the queue."""
+        self.cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def push(self, chunk: Chunk) -> None:
+        self._chunks.put(chunk)
+        if self._on_event is not None:
+            self._on_event(chunk)
+
+    def finish(self, result: GenerationResult | None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+        self._chunks.put(_END)
+        if self._on_event is not None:
+            self._on_event(None)
 
 
 class Progress:

@@ -1,16 +1,15 @@
-"""`Runtime`: load a bundle once, then generate from many requests (threads welcome).
+"""`Runtime`: a loaded bundle (two engines, tokenizer, manifest, default parameters), and requests of it.
 
-The loaded runtime holds only immutable things (sessions, tokenizer, manifest); everything a
-request changes (canvas, caches, random generator, counters) is created per call, so two
-threads may generate on one runtime at the same time.
+A Runtime never changes: what a request changes (canvas, caches, random generator, counters) is
+made per request, so threads may generate on one runtime at once. A variant (other defaults, timed
+engine calls) is a new Runtime over the same engines (`dataclasses.replace`, `timed`).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
-from functools import partial
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,42 +17,49 @@ import numpy as np
 
 from apd_deploy.bundle import VERIFY_MODES, read_manifest, verify_files
 from apd_deploy.errors import BundleError, GenerationError
-from apd_deploy.runtime.apd import apd
-from apd_deploy.runtime.autoregressive import autoregressive
-from apd_deploy.runtime.canvas import Canvas, Decoder, Step
-from apd_deploy.runtime.diffusion import diffusion
-from apd_deploy.runtime.arrays import array_module, synchronize
-from apd_deploy.runtime.engine import DecoderEngine, DecoderSpec, OrtCpuDecoder, default_threads
-from apd_deploy.runtime.kv_cache import KVCache
-from apd_deploy.runtime.leftright import leftright
-from apd_deploy.runtime.openvino_engine import OpenVinoDecoder, open_openvino
+from apd_deploy.runtime.arrays import array_module
+from apd_deploy.runtime.driver import Decoding, Request, step
+from apd_deploy.runtime.engine import DecoderEngine, DecoderSpec, OrtCpuDecoder, SynchronizedEngine, default_threads
+from apd_deploy.runtime.openvino_engine import open_openvino
 from apd_deploy.runtime.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, check_integer
-from apd_deploy.runtime.results import Chunk, Generation, GenerationResult, Progress
-from apd_deploy.runtime.sampling import Sampler, SamplingParams
+from apd_deploy.runtime.results import Generation, GenerationResult
+from apd_deploy.runtime.sampling import SamplingParams
 from apd_deploy.runtime.tokenizer import BundleTokenizer
 
 if TYPE_CHECKING:
     from apd_deploy.runtime.scheduler import Scheduler
 
 
+@dataclass(frozen=True, eq=False)
 class Runtime:
-    def __init__(self, bundle: Path, manifest: dict[str, Any], dllm: DecoderEngine, verifier: DecoderEngine,
-                 tokenizer: BundleTokenizer | None, max_seq_len: int | None = None) -> None:
-        self.bundle, self.manifest = bundle, manifest
-        self.dllm, self.verifier, self.tokenizer = dllm, verifier, tokenizer
-        self.engines = {"dllm": dllm, "verifier": verifier}  # by role, as decoders name them
-        self.xp = dllm.xp
-        special = manifest["special_tokens"]
-        self.mask_id, self.eos_ids = special["mask"], frozenset(special["eos"])
-        self.vocab_size = verifier.spec.vocab_size
-        self.max_positions = min(dllm.spec.max_positions, verifier.spec.max_positions, max_seq_len or 1 << 62)
-        self.defaults = GenerationParams(**manifest["apd_defaults"])
-        # Wait for every engine call to finish, so that GPU time is split per model (benchmarks).
-        self.time_engine_calls = False
-        self.threads: int | None = None  # onnxruntime threads per model (set by `load`)
-        self._open_engines: Callable[[int, int], list[dict[str, DecoderEngine]]] | None = None
-        self._lane_engines: dict[int, list[dict[str, DecoderEngine]]] = {}
-        self.engine_max_batch: tuple[str, int] | None = None  # (engine, largest batch it was built for)
+    bundle: Path
+    manifest: dict[str, Any]
+    dllm: DecoderEngine
+    verifier: DecoderEngine
+    tokenizer: BundleTokenizer | None
+    max_seq_len: int | None = None  # an engine's limit below the models' positions
+    defaults: GenerationParams | None = None  # None: the manifest's apd_defaults
+    eos_ids: frozenset[int] | None = None  # None: the manifest's
+    threads: int | None = None  # onnxruntime threads per model (set by `load`)
+    # The engines of n scheduling loops, threads / n threads each (set by `load`; see `scheduler`).
+    open_lanes: Callable[[int], list[dict[str, DecoderEngine]]] | None = None
+    engine_max_batch: tuple[str, int] | None = None  # (engine, largest batch it was built for)
+    engines: dict[str, DecoderEngine] = field(init=False)  # by role, as decoders name them
+    xp: Any = field(init=False)  # the engines' array module
+    mask_id: int = field(init=False)
+    vocab_size: int = field(init=False)  # the verifier's: the ids both models know
+    max_positions: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        special = self.manifest["special_tokens"]
+        settled = {"defaults": self.defaults or GenerationParams(**self.manifest["apd_defaults"]),
+                   "eos_ids": frozenset(special["eos"]) if self.eos_ids is None else self.eos_ids,
+                   "engines": {"dllm": self.dllm, "verifier": self.verifier}, "xp": self.dllm.xp,
+                   "mask_id": special["mask"], "vocab_size": self.verifier.spec.vocab_size,
+                   "max_positions": min(self.dllm.spec.max_positions, self.verifier.spec.max_positions,
+                                        self.max_seq_len or 1 << 62)}
+        for name, value in settled.items():  # frozen: set once, here
+            object.__setattr__(self, name, value)
 
     @classmethod
     def load(cls, bundle: str | Path, engine: str | None = None, threads: int | None = None,
@@ -88,15 +94,15 @@ class Runtime:
         _check_pair(bundle, manifest, specs)
         record = _engine_record(bundle, manifest, engine)
         verify_files(bundle, manifest, verify, only=_files_read(bundle, manifest, record))
-        open_engines = partial(_open_engines, bundle, manifest, engine, record, specs, array_backend, engine_options or {})
         threads = threads or default_threads()
-        (engines,) = open_engines(threads)
-        runtime = cls(bundle, manifest, engines["dllm"], engines["verifier"], BundleTokenizer.from_bundle(bundle, manifest),
-                      record.get("max_seq_len") if record else None)
-        runtime.threads, runtime._open_engines = threads, open_engines
-        if record and record.get("max_batch"):  # TensorRT: its profiles hold batches up to this
-            runtime.engine_max_batch = (engine, record["max_batch"])
-        return runtime
+        # Cached: a lane's sessions are opened once per runtime (each costs a load of the weights).
+        open_lanes = cache(partial(_open_engines, bundle, manifest, engine, record, specs, array_backend,
+                                   engine_options or {}, threads))
+        (engines,) = open_lanes(1)
+        return cls(bundle, manifest, engines["dllm"], engines["verifier"], BundleTokenizer.from_bundle(bundle, manifest),
+                   record.get("max_seq_len") if record else None, threads=threads, open_lanes=open_lanes,
+                   # TensorRT: its profiles hold batches up to max_batch
+                   engine_max_batch=(engine, record["max_batch"]) if record and record.get("max_batch") else None)
 
     @staticmethod
     def check_files(bundle: str | Path, engine: str | None = None, verify: str = "full") -> None:
@@ -155,27 +161,31 @@ class Runtime:
             raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", "prompt")
         return np.asarray(ids, dtype=np.int64)
 
-    def request(self, prompt: str | Sequence[int], chat: bool, params: dict[str, Any]) -> tuple[np.ndarray, GenerationParams]:
+    def request(self, prompt: str | Sequence[int], chat: bool, params: dict[str, Any]) -> Request:
         """A request's prompt ids and settled parameters, checked: GenerationError names what is wrong."""
         ids = self.prompt_ids(prompt, chat)
-        return ids, self.fit(self.params(**params), len(ids))
+        return Request(ids, self.fit(self.params(**params), len(ids)))
 
-    def start(self, ids: np.ndarray, p: GenerationParams, new_cache: Callable[[str, int], KVCache]) -> tuple[Canvas, Decoder]:
-        """A request's canvas and decoder, its caches made by `new_cache(role, capacity)`."""
-        sampler = Sampler(p.sampling, self.vocab_size, self.xp)
-        canvas = Canvas.start(ids, p.max_new_tokens, self.mask_id, self.vocab_size, sampler, new_cache)
-        return canvas, self._decoder(canvas, p)
+    def timed(self) -> Runtime:
+        """This runtime with engine calls that return once their work is done (a GPU call returns
+        before), so that a result's dllm_seconds and verifier_seconds are the models' (benchmarks)."""
+        return replace(self, dllm=SynchronizedEngine(self.dllm), verifier=SynchronizedEngine(self.verifier))
 
     def generate(self, prompt: str | Sequence[int], chat: bool = False, **params: Any) -> GenerationResult:
         # No chunk texts: the whole text is decoded once at the end.
-        stream = self._start(prompt, chat, params, chunk_text=False)
-        for _ in stream:
-            pass
-        return stream.result
+        return self._alone(self.request(prompt, chat, params), chunk_text=False).result()
 
     def stream(self, prompt: str | Sequence[int], chat: bool = False, **params: Any) -> Generation:
-        """Like `generate`, but iterate the returned object for each step's committed chunk."""
-        return self._start(prompt, chat, params, chunk_text=True)
+        """Like `generate`, but iterate the returned Generation for each step's committed chunk,
+        then take its `result()`."""
+        return self._alone(self.request(prompt, chat, params), chunk_text=True)
+
+    def _alone(self, request: Request, chunk_text: bool) -> Generation:
+        """`request` decoded alone by the thread that asks for its chunks (`driver.step`, a batch of one)."""
+        engines = self.engines
+        decoding = Decoding(Generation(drive=lambda: step([decoding], engines)), request, chunk_text)
+        decoding.start(self, lambda role, capacity: engines[role].new_cache(capacity))
+        return decoding.handle
 
     def scheduler(self, max_batch: int = 8, max_queue: int = 256, max_seq_len: int | None = None,
                   lanes: int = 1) -> Scheduler:
@@ -191,18 +201,6 @@ class Runtime:
         from apd_deploy.runtime.scheduler import Scheduler
 
         return Scheduler(self, max_batch, max_queue, max_seq_len, lanes)
-
-    def engines_for_lanes(self, lanes: int) -> list[dict[str, DecoderEngine]]:
-        """The engines of each of `lanes` scheduling loops: this runtime's for one lane; for more,
-        new sessions of threads / lanes threads each (CPU engines only)."""
-        if lanes == 1:
-            return [self.engines]
-        if self.xp is not np or not isinstance(self.dllm, (OrtCpuDecoder, OpenVinoDecoder)) or self._open_engines is None:
-            raise GenerationError("lanes > 1 is for CPU engines loaded with Runtime.load; a GPU engine batches "
-                                  "in one lane (use lanes=1)")
-        if lanes not in self._lane_engines:  # opened once per runtime: a session costs a load of the weights
-            self._lane_engines[lanes] = self._open_engines(self.threads, lanes)
-        return self._lane_engines[lanes]
 
     def generate_many(self, prompts: Sequence[str | Sequence[int]], chat: bool = False, max_batch: int = 8,
                       lanes: int = 1, progress: Callable[[], None] | None = None,
@@ -224,47 +222,6 @@ class Runtime:
                 if progress is not None:
                     progress()
             return results
-
-    def _start(self, prompt: str | Sequence[int], chat: bool, params: dict[str, Any], chunk_text: bool) -> Generation:
-        ids, p = self.request(prompt, chat, params)
-        canvas, decoder = self.start(ids, p, lambda role, capacity: self.engines[role].new_cache(capacity))
-        generation = Generation(iter(()))
-        generation._chunks = self._run(decoder, canvas, generation, chunk_text, p)
-        return generation
-
-    def _decoder(self, canvas: Canvas, p: GenerationParams) -> Decoder:
-        if p.alg == "apd":
-            return apd(canvas, p.apd_mixture_weight, p.kv_window, p.max_lookahead, self.verifier.first_verify_chunk)
-        if p.alg == "leftright":
-            return leftright(canvas, p.tokens_per_step, p.kv_window, p.max_lookahead)
-        if p.alg == "diffusion":
-            return diffusion(canvas, p.steps or p.max_new_tokens, p.diffusion_order)
-        return autoregressive(canvas)
-
-    def _run(self, decoder: Decoder, canvas: Canvas, generation: Generation, chunk_text: bool,
-             p: GenerationParams) -> Iterator[Chunk]:
-        """Decode alone: each engine call the decoder asks for is made at once, batch 1."""
-        progress = Progress(canvas, self.eos_ids, self.tokenizer, chunk_text, ignore_eos=p.ignore_eos,
-                            min_tokens=p.min_tokens)
-        reply = None
-        while not progress.stopped:
-            try:
-                item = decoder.send(reply)
-            except StopIteration:
-                break
-            if isinstance(item, Step):
-                reply = None
-                yield progress.push(item)
-                continue
-            started = time.perf_counter()
-            (reply,) = self.engines[item.role].run([item.call])
-            if self.time_engine_calls:  # a GPU call returns before its work is done
-                synchronize(self.xp)
-            canvas.engine_seconds[item.role] += time.perf_counter() - started
-        decoder.close()
-        if (rest := progress.rest()) is not None:
-            yield rest
-        generation.result = progress.result()
 
 
 def _engine_record(bundle: Path, manifest: dict[str, Any], engine: str | None) -> dict[str, Any] | None:

@@ -39,10 +39,10 @@ def main() -> None:
         rng = np.random.default_rng(0)
         prompts = [rng.integers(300, 7000, 16) for _ in range(args.random_prompts)]
         max_new_tokens = args.max_new_tokens
-        runtime.eos_ids = frozenset()  # every request its full length
-    runtime.generate(prompts[0], max_new_tokens=max_new_tokens)  # warm-up
+    full_length = {} if args.task else {"ignore_eos": True}  # random prompts: every request its full length
+    runtime.generate(prompts[0], max_new_tokens=max_new_tokens, **full_length)  # warm-up
     started = time.perf_counter()
-    tokens = sum(len(runtime.generate(p, max_new_tokens=max_new_tokens).token_ids) for p in prompts)
+    tokens = sum(len(runtime.generate(p, max_new_tokens=max_new_tokens, **full_length).token_ids) for p in prompts)
     seconds = time.perf_counter() - started
     print(json.dumps({"bundle": args.bundle, "tokens": tokens, "seconds": round(seconds, 3),
                       "tokens_per_second": round(tokens / seconds, 1)}))

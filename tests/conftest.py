@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,7 @@ def demo_runtime(demo_bundle):
 
 @pytest.fixture(scope="module")
 def runtime(tiny_bundle):
-    """The tiny bundle loaded once per test module (modules may change its EOS ids)."""
+    """The tiny bundle loaded once per test module."""
     from apd_deploy.runtime import Runtime
 
     return Runtime.load(tiny_bundle)
@@ -90,12 +91,15 @@ def runtime(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def runtime_without_eos(tiny_bundle):
-    """The tiny bundle with no EOS: generations run to their full length."""
+    """The tiny bundle, every generation to its full length (ignore_eos by default)."""
     from apd_deploy.runtime import Runtime
 
-    runtime = Runtime.load(tiny_bundle)
-    runtime.eos_ids = frozenset()
-    return runtime
+    return without_eos(Runtime.load(tiny_bundle))
+
+
+def without_eos(runtime):
+    """`runtime` with ignore_eos on by default: every generation runs to its full length."""
+    return replace(runtime, defaults=replace(runtime.defaults, ignore_eos=True))
 
 
 @pytest.fixture(autouse=True, scope="session")

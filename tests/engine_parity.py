@@ -5,7 +5,7 @@ is below the engines' own difference."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -48,9 +48,7 @@ class Lockstep:
 def lockstep_runtime(reference: Runtime, other: Runtime) -> tuple[Runtime, list[Lockstep]]:
     """A runtime decoding with `reference`'s engines while `other`'s check every call."""
     steps = [Lockstep(role, reference.engines[role], other.engines[role]) for role in ("dllm", "verifier")]
-    runtime = Runtime(reference.bundle, reference.manifest, steps[0], steps[1], reference.tokenizer)
-    runtime.eos_ids = reference.eos_ids
-    return runtime, steps
+    return replace(reference, dllm=steps[0], verifier=steps[1], open_lanes=None), steps
 
 
 def explain(steps: list[Lockstep]) -> list[Disagreement]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from apd_deploy.errors import GenerationError
 from apd_deploy.runtime import QueueFull, Runtime, SchedulerClosed
 from apd_deploy.runtime.engine import EngineCall
 from apd_deploy.runtime.kv_cache import KVSlots, stacked_past
-from apd_deploy.runtime.scheduler import split_by_length
+from apd_deploy.runtime.driver import split_by_length
+from conftest import without_eos
 
 RNG = np.random.default_rng(7)
 PROMPTS = [RNG.integers(30, 250, n).tolist() for n in (5, 31, 12, 3, 20, 8, 17, 40, 1, 26)]
@@ -170,7 +172,7 @@ def test_bad_scheduler_settings_and_requests_are_clear_errors(runtime):
     with pytest.raises(GenerationError, match="max_seq_len must be at most"):
         runtime.scheduler(max_seq_len=runtime.max_positions + 1)
     with runtime.scheduler(max_batch=2, max_seq_len=64) as scheduler:
-        with pytest.raises(GenerationError, match=r"exceeds the scheduler's 64 positions.*--max-new-tokens 54 or less"):
+        with pytest.raises(GenerationError, match=r"exceeds the scheduler's 64 positions.*use max_new_tokens 54 or less"):
             scheduler.submit(list(range(10, 20)), max_new_tokens=60)
         with pytest.raises(GenerationError, match="^temperature must be at least 0"):
             scheduler.submit([5, 6], temperature=-1)
@@ -178,18 +180,14 @@ def test_bad_scheduler_settings_and_requests_are_clear_errors(runtime):
             scheduler.submit([5, 6], max_new_tokens=runtime.max_positions)
     with pytest.raises(GenerationError, match="the prompt is empty"):
         runtime.generate_many([[5], []])
-    runtime.engine_max_batch = ("tensorrt-cuda-fp16", 4)  # as a TensorRT engine built with --max-batch 4
-    try:
-        with pytest.raises(GenerationError, match="built for batches of at most 4.*build-engine --max-batch 8"):
-            runtime.scheduler(max_batch=8)
-        runtime.scheduler(max_batch=4).close()
-    finally:
-        runtime.engine_max_batch = None
+    built_for_4 = replace(runtime, engine_max_batch=("tensorrt-cuda-fp16", 4))  # as built with --max-batch 4
+    with pytest.raises(GenerationError, match="built for batches of at most 4.*build-engine --max-batch 8"):
+        built_for_4.scheduler(max_batch=8)
+    built_for_4.scheduler(max_batch=4).close()
 
 
 def test_an_engine_failure_ends_the_requests_of_that_call_only(tiny_bundle):
-    rt = Runtime.load(tiny_bundle)
-    rt.eos_ids = frozenset()
+    rt = without_eos(Runtime.load(tiny_bundle))
     real_run, failures = rt.verifier.run, []
 
     def failing_once(calls):
@@ -235,10 +233,8 @@ def test_handles_are_safe_to_use_from_other_threads(runtime):
 def test_padded_batched_calls_give_the_exact_tokens(tiny_bundle):
     """The CUDA engine's fixed shapes with a batch dimension, checked on the CPU: padded batch rows,
     windows and logit rows change no token."""
-    exact = Runtime.load(tiny_bundle)
-    padded = Runtime.load(tiny_bundle, engine_options={"fixed_shapes": True})
-    for rt in (exact, padded):
-        rt.eos_ids = frozenset()
+    exact = without_eos(Runtime.load(tiny_bundle))
+    padded = without_eos(Runtime.load(tiny_bundle, engine_options={"fixed_shapes": True}))
     requests = _requests()[:7]
     alone = _alone(exact, requests)
     with padded.scheduler(max_batch=3) as scheduler:
@@ -295,3 +291,26 @@ def test_batched_calls_mask_each_rows_cache_and_window(runtime_without_eos):
         for (want_logits, want_kv), (got_logits, got_kv) in zip(want, got):
             np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(got_kv, want_kv, rtol=1e-4, atol=1e-4)
+
+
+def test_a_stream_and_a_submitted_request_are_one_handle_type(runtime):
+    """`Runtime.stream` and `Scheduler.submit` hand back one type: iterate it for chunks, then `result()`."""
+    stream = runtime.stream([5, 6], alg="leftright", max_new_tokens=8, ignore_eos=True)
+    chunks = [chunk.token_ids for chunk in stream]
+    with runtime.scheduler(max_batch=2) as scheduler:
+        handle = scheduler.submit([5, 6], alg="leftright", max_new_tokens=8, ignore_eos=True)
+        assert type(handle) is type(stream)
+        assert [chunk.token_ids for chunk in handle] == chunks
+    assert handle.result().token_ids == stream.result().token_ids == sum(chunks, [])
+    assert list(stream) == []  # iterated again, it ends at once
+
+
+def test_the_loaded_runtime_never_changes_and_its_variants_share_its_engines(runtime):
+    with pytest.raises(AttributeError):
+        runtime.eos_ids = frozenset()
+    full_length, timed = without_eos(runtime), runtime.timed()
+    assert full_length.dllm is runtime.dllm and timed.dllm.engine is runtime.dllm
+    assert runtime.defaults.ignore_eos is False and full_length.defaults.ignore_eos is True
+    expected = runtime.generate([5, 6], max_new_tokens=16, ignore_eos=True)
+    assert full_length.generate([5, 6], max_new_tokens=16).token_ids == expected.token_ids
+    assert timed.generate([5, 6], max_new_tokens=16, ignore_eos=True).token_ids == expected.token_ids

@@ -21,6 +21,7 @@ from apd_deploy.engines.tensorrt_build import tensorrt_record
 from apd_deploy.errors import ApdDeployError, BackendUnavailable, EngineMismatch, GenerationError
 from apd_deploy.runtime import Runtime
 from apd_deploy.runtime.tensorrt_engine import check_engine_record, select_profile
+from conftest import without_eos
 
 PROMPT = [72, 101, 108, 108, 111]
 CLI = str(Path(sys.executable).with_name("apd-deploy"))
@@ -219,7 +220,7 @@ def test_profiles_hold_every_call_the_runtime_makes(tiny_bundle, monkeypatch):
             return original(batch)
 
         monkeypatch.setattr(engine, "run", recording)
-    runtime.eos_ids = frozenset()
+    runtime = without_eos(runtime)
     for prompt, n in (([5], 511), (list(range(60)), 452), (PROMPT, 200)):
         for alg, params in (("apd", {}), ("apd", {"apd_mixture_weight": 1.0}), ("leftright", {"tokens_per_step": 8}),
                             ("ar", {})):

@@ -10,6 +10,7 @@ from apd_deploy.runtime import Runtime
 from apd_deploy.runtime.fixed_shapes import FixedShape, PaddedInputs, contiguous_start, round_up
 from apd_deploy.runtime.engine import EngineCall
 from apd_deploy.runtime.kv_cache import KVCache
+from conftest import without_eos
 
 PROMPTS = ([72, 101, 108, 108, 111], list(range(30, 61)))
 RUNS = (
@@ -24,10 +25,9 @@ RUNS = (
 
 @pytest.fixture(scope="module")
 def exact_and_padded(tiny_bundle):
-    exact = Runtime.load(tiny_bundle)
-    padded = Runtime.load(tiny_bundle, engine_options={"fixed_shapes": True})
-    for rt in (exact, padded):
-        rt.eos_ids = frozenset()  # run to the full length, through every window shape
+    # every run to its full length, through every window shape
+    exact = without_eos(Runtime.load(tiny_bundle))
+    padded = without_eos(Runtime.load(tiny_bundle, engine_options={"fixed_shapes": True}))
     padded.verifier.first_verify_chunk = None  # as on a GPU: the whole draft in one verifier call
     return exact, padded
 

@@ -11,6 +11,7 @@ import pytest
 from apd_deploy import bundle as bundle_module
 from apd_deploy.errors import BundleError
 from apd_deploy.runtime import Runtime
+from conftest import without_eos
 
 PROMPT = [72, 101, 108, 108, 111]
 
@@ -106,8 +107,7 @@ def _with_eos(tiny_bundle: Path, tmp_path: Path, eos: int) -> Path:
     ("apd", {}), ("leftright", {"tokens_per_step": 3}), ("ar", {}),
 ])
 def test_accepted_per_step_adds_up_to_the_tokens_returned(tiny_bundle, tmp_path, alg, params):
-    runtime = Runtime.load(tiny_bundle)
-    runtime.eos_ids = frozenset()
+    runtime = without_eos(Runtime.load(tiny_bundle))
     full = runtime.generate(PROMPT, alg=alg, max_new_tokens=16, seed=0, **params).token_ids
     # An EOS early in the output, so that much of what the steps decided is cut off.
     cut = next(i for i in range(1, len(full)) if full[i] not in full[:i])

@@ -20,6 +20,7 @@ from apd_deploy.errors import ApdDeployError, EngineMismatch
 from apd_deploy.runtime import Runtime
 from apd_deploy.runtime.openvino_engine import blob_mismatch, bucket_past, bucket_window
 from apd_deploy.tasks.arithmetic import problems
+from conftest import without_eos
 from tests.engine_parity import explain, lockstep_runtime
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'apd-deploy[openvino]'")
@@ -63,10 +64,9 @@ def test_engine_is_recorded_and_hashed(ov_bundle):
 @pytest.mark.parametrize("alg, params", [("apd", {}), ("leftright", {"tokens_per_step": 2}), ("diffusion", {}),
                                          ("ar", {})])
 def test_fp32_engine_gives_onnxruntimes_tokens(ov_bundle, alg, params):
-    ort = Runtime.load(ov_bundle, engine="onnxruntime-cpu-fp32", threads=1)
-    ov = Runtime.load(ov_bundle, engine="openvino-cpu-fp32", threads=1)
-    for rt in (ort, ov):
-        rt.eos_ids = frozenset()  # every generation its full length
+    # every generation its full length
+    ort = without_eos(Runtime.load(ov_bundle, engine="onnxruntime-cpu-fp32", threads=1))
+    ov = without_eos(Runtime.load(ov_bundle, engine="openvino-cpu-fp32", threads=1))
     expected = ort.generate(PROMPT, alg=alg, max_new_tokens=24, **params)
     assert list(ov.generate(PROMPT, alg=alg, max_new_tokens=24, **params).token_ids) == list(expected.token_ids)
 
@@ -196,10 +196,9 @@ def test_30m_pair_gives_onnxruntimes_tokens_over_256(tmp_path):
     build_engine(bundle, "openvino", "cpu", "fp32", threads=2)
     ort = Runtime.load(bundle, engine="onnxruntime-cpu-fp32", threads=2)
     ov = Runtime.load(bundle, engine="openvino-cpu-fp32", threads=2)
-    checked, steps = lockstep_runtime(ort, ov)
+    checked, steps = lockstep_runtime(without_eos(ort), ov)
+    ov = without_eos(ov)
     rng = np.random.default_rng(0)
-    for rt in (checked, ov):
-        rt.eos_ids = frozenset()
     for prompt in (rng.integers(300, 7000, 16) for _ in range(2)):
         expected = checked.generate(prompt, max_new_tokens=256)
         assert list(ov.generate(prompt, max_new_tokens=256).token_ids) == list(expected.token_ids) or \

@@ -101,12 +101,12 @@ def test_text_stream_pieces_add_up_to_the_whole_decode(runtime, chunk):
 def test_stream_yields_each_committed_chunk(runtime):
     stream = runtime.stream("Hello", alg="apd", max_new_tokens=60)
     chunks = list(stream)
-    steps = len(stream.result.accepted_per_step)
-    assert [len(c.token_ids) for c in chunks[:steps]] == stream.result.accepted_per_step
+    steps = len(stream.result().accepted_per_step)
+    assert [len(c.token_ids) for c in chunks[:steps]] == stream.result().accepted_per_step
     # After the steps, at most one chunk without tokens: text held back inside a last character.
     assert len(chunks) <= steps + 1 and all(not c.token_ids and c.text for c in chunks[steps:])
-    assert sum((c.token_ids for c in chunks), []) == stream.result.token_ids
-    assert "".join(c.text or "" for c in chunks) == stream.result.text
+    assert sum((c.token_ids for c in chunks), []) == stream.result().token_ids
+    assert "".join(c.text or "" for c in chunks) == stream.result().text
 
 
 def test_diffusion_follows_its_step_budget(runtime_without_eos):

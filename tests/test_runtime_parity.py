@@ -6,6 +6,7 @@ import pytest
 
 from apd_deploy.export.checkpoint import load_checkpoint
 from apd_deploy.runtime import Runtime
+from conftest import without_eos
 from reference_decoding import reference_apd, reference_ar, reference_leftright
 
 # (prompt, max_new_tokens): a one-token prompt, short and long prompts, up to the 512 positions.
@@ -53,9 +54,7 @@ def test_ar_matches_reference(runtime, torch_models, prompt, n):
 @pytest.fixture(scope="module")
 def runtime_without_eos(tiny_bundle):
     """The same bundle, but nothing stops generation early: every run goes to full length."""
-    runtime = Runtime.load(tiny_bundle)
-    runtime.eos_ids = frozenset()
-    return runtime
+    return without_eos(Runtime.load(tiny_bundle))
 
 
 @pytest.mark.parametrize("alg, settings", [

@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -292,18 +293,14 @@ def test_benchmark_clients_extensions(open_server):
 
 
 def test_ignore_eos_and_min_tokens_in_the_runtime(runtime):
-    saved = runtime.eos_ids
-    runtime.eos_ids = frozenset(range(runtime.vocab_size))  # every token ends the generation
-    try:
-        assert len(runtime.generate([5, 6], alg="leftright", max_new_tokens=10).token_ids) == 1
-        assert len(runtime.generate([5, 6], alg="leftright", max_new_tokens=10, min_tokens=4).token_ids) == 5
-        kept = runtime.generate([5, 6], alg="leftright", max_new_tokens=10, ignore_eos=True)
-        assert len(kept.token_ids) == 10 and kept.finish_reason == "length"
-        with runtime.scheduler(max_batch=2) as scheduler:
-            batched = scheduler.submit([5, 6], alg="leftright", max_new_tokens=10, ignore_eos=True).result(timeout=60)
-        assert batched.token_ids == kept.token_ids
-    finally:
-        runtime.eos_ids = saved
+    every_token_ends = replace(runtime, eos_ids=frozenset(range(runtime.vocab_size)))
+    assert len(every_token_ends.generate([5, 6], alg="leftright", max_new_tokens=10).token_ids) == 1
+    assert len(every_token_ends.generate([5, 6], alg="leftright", max_new_tokens=10, min_tokens=4).token_ids) == 5
+    kept = every_token_ends.generate([5, 6], alg="leftright", max_new_tokens=10, ignore_eos=True)
+    assert len(kept.token_ids) == 10 and kept.finish_reason == "length"
+    with every_token_ends.scheduler(max_batch=2) as scheduler:
+        batched = scheduler.submit([5, 6], alg="leftright", max_new_tokens=10, ignore_eos=True).result(timeout=60)
+    assert batched.token_ids == kept.token_ids
     with pytest.raises(Exception, match="min_tokens"):
         runtime.generate([5, 6], max_new_tokens=3, min_tokens=4)
 

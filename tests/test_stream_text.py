@@ -8,4 +8,4 @@ def test_chunk_texts_join_into_the_result(runtime):
     stream = runtime.stream([1, 2], alg="ar", max_new_tokens=24)
     chunks = list(stream)
     assert any(c.token_ids and c.text == "" for c in chunks)
-    assert "".join(c.text for c in chunks) == stream.result.text
+    assert "".join(c.text for c in chunks) == stream.result().text

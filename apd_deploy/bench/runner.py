@@ -151,7 +151,7 @@ def check_benchmark(runtime: Runtime, specs: list[AlgSpec], grid: dict[str, list
 
 def run_config(runtime, config: AlgSpec, prompts: list[Prompt], max_new_tokens: int, repeat: int,
                extract: Callable[[str], int | None] | None, progress: Callable[[], None]) -> ConfigResult:
-    def generate_all() -> list:
+    def generate_all(runtime) -> list:
         outs = []
         for prompt in prompts:
             outs.append(runtime.generate(prompt.ids, alg=config.alg, max_new_tokens=max_new_tokens, **config.params))
@@ -160,17 +160,13 @@ def run_config(runtime, config: AlgSpec, prompts: list[Prompt], max_new_tokens: 
 
     speeds, last = [], None
     for _ in range(repeat):
-        last = generate_all()
+        last = generate_all(runtime)
         speeds.append(sum(len(o.token_ids) for o in last) / sum(o.seconds for o in last))
     timed = last
     if runtime.xp.__name__ != "numpy":
         # GPU engine calls return before their work ends: one more pass, waiting for each call,
         # splits the step into dLLM, verifier and host time (its speed is not reported).
-        runtime.time_engine_calls = True
-        try:
-            timed = generate_all()
-        finally:
-            runtime.time_engine_calls = False
+        timed = generate_all(runtime.timed())
     steps = sum(o.steps for o in last)
     tokens = sum(len(o.token_ids) for o in last)
     dllm_s, verifier_s = sum(o.dllm_seconds for o in timed), sum(o.verifier_seconds for o in timed)
