@@ -146,6 +146,14 @@ def test_http_generate_stream_equals_generate(triton, answers):
     assert last["finish_reason"] == "stop" and last["steps"] == answers[1].steps
 
 
+def test_the_docs_grpc_client_example_prints_its_answer(triton):
+    page = (ROOT / "docs" / "serving.md").read_text()
+    (example,) = [block for block in re.findall(r"^```text\n(.*?)^```$", page, re.M | re.S) if "tritonclient.grpc" in block]
+    run = subprocess.run([str(TRITON_ENV / "bin" / "python"), "-c", example.replace("127.0.0.1:8001", triton.grpc)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.stdout == "76 - 28 = 48. 48 - 40 = 8. Answer: 8. stop\n", run.stderr
+
+
 def test_16_concurrent_grpc_streams_get_their_own_answers(triton, answers):
     got = triton.grpc_client("streams", [{"model": "apd", "inputs": {"text_input": q, "chat": True, "max_tokens": 64}}
                                          for q in QUESTIONS])
