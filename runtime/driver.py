@@ -50,8 +50,7 @@ class Decoding:
         self.reply: Any = None  # what the decoder is resumed with: an engine call's result
 
     def start(self, runtime: Runtime, new_cache: Callable[[str, int], KVCache] | None) -> None:
-        """Make the request's canvas, decoder and progress (the decoder runs nothing yet), its
-        caches made by `new_cache(role, capacity)`."""
+        """Make the canvas (caches by `new_cache(role, capacity)`), the decoder (it runs nothing yet), the progress."""
         ids, p = self.request
         sampler = Sampler(p.sampling, runtime.vocab_size, runtime.xp)
         self.canvas = Canvas.start(ids, p.max_new_tokens, runtime.mask_id, runtime.vocab_size, sampler, new_cache)
@@ -121,8 +120,7 @@ def step(requests: Sequence[Decoding], engines: dict[str, DecoderEngine]) -> Non
 
 
 def _run(role: str, engine: DecoderEngine, group: list[tuple[Decoding, EngineCall]]) -> list[Decoding]:
-    """Make the calls of `group`, as few engine calls as `split_by_length` finds cheapest; the
-    requests whose call was made, their replies set (a failed engine call ends its requests)."""
+    """Make the calls of `group` (split as `split_by_length` finds cheapest); the requests resumed, replies set."""
     if len(group) == 1:  # a request decoding alone: nothing to split or order
         parts = [group]
     else:  # in consecutive slots, their caches are handed over without a gather
