@@ -111,7 +111,7 @@ def _private_verification_memo(tmp_path_factory):
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") == "loadfile":
-        from tests.scheduling import AloneLastScheduling
+        from scheduling import AloneLastScheduling
 
         return AloneLastScheduling(config, log)
     return None

@@ -21,7 +21,7 @@ from apd_deploy.runtime import Runtime
 from apd_deploy.runtime.openvino_engine import blob_mismatch, bucket_past, bucket_window
 from apd_deploy.tasks.arithmetic import problems
 from conftest import without_eos
-from tests.engine_parity import explain, lockstep_runtime
+from engine_parity import explain, lockstep_runtime
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'apd-deploy[openvino]'")
 

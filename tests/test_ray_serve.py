@@ -25,8 +25,8 @@ import pytest
 
 from apd_deploy.bench.serving import free_port
 from apd_deploy.tasks.arithmetic import extract_answer
-from tests.test_hardening_cli import run
-from tests.test_server import CLI, KEY, QUESTIONS, client, server
+from test_cli_options import run
+from test_server import CLI, KEY, QUESTIONS, client, server
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'apd-deploy[ray]'")
 

@@ -221,7 +221,7 @@ def test_cli_generate_streams_plain_text_when_not_a_terminal(tiny_bundle, runtim
     (["--prompt", "x" * 600], "the prompt alone is too long"),
 ])
 def test_cli_errors_are_one_line(tiny_bundle, args, message):
-    """What only the bundle can reveal: one line, exit status 1 (usage errors: tests/test_hardening_cli.py)."""
+    """What only the bundle can reveal: one line, exit status 1 (usage errors: tests/test_cli_options.py)."""
     result = _cli("generate", str(tiny_bundle), *args)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]

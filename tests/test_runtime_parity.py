@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 
 from apd_deploy.export.checkpoint import load_checkpoint
-from apd_deploy.runtime import Runtime
-from conftest import without_eos
 from reference_decoding import reference_apd, reference_ar, reference_leftright
 
 # (prompt, max_new_tokens): a one-token prompt, short and long prompts, up to the 512 positions.
@@ -14,11 +12,6 @@ CASES = [([7], 40), ([72, 101, 108, 108, 111], 96), (list(range(30, 47)), 495)]
 APD_SETTINGS = [  # (R, W, M)
     (0.7, 16, 100), (0.5, 4, 16), (0.7, 1, 100), (0.7, 16, 1), (0.9, 1, 1), (0.0, 16, 100), (1.0, 16, 100),
 ]
-
-
-@pytest.fixture(scope="module")
-def runtime(tiny_bundle):
-    return Runtime.load(tiny_bundle)
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +42,6 @@ def test_leftright_matches_reference(runtime, torch_models, prompt, n, K):
 def test_ar_matches_reference(runtime, torch_models, prompt, n):
     _, verifier = torch_models
     assert runtime.generate(prompt, alg="ar", max_new_tokens=n).token_ids == reference_ar(verifier, prompt, n, runtime.eos_ids)
-
-
-@pytest.fixture(scope="module")
-def runtime_without_eos(tiny_bundle):
-    """The same bundle, but nothing stops generation early: every run goes to full length."""
-    return without_eos(Runtime.load(tiny_bundle))
 
 
 @pytest.mark.parametrize("alg, settings", [

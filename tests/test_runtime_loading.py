@@ -1,4 +1,4 @@
-"""The runtime's side of issue #10: what loading hashes, and per-step counts that add up."""
+"""What loading a bundle hashes, and per-step counts that add up."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def hashed(monkeypatch):
     return names
 
 
-# 4. Loading hashes the files the chosen engine reads, and no others.
+# Loading hashes the files the chosen engine reads, and no others.
 def test_loading_the_graphs_hashes_only_the_graphs_and_tokenizer(engine_bundle, hashed):
     bundle, _ = engine_bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -93,7 +93,7 @@ def test_remembered_verification_trusts_size_and_modification_time(tiny_bundle, 
         Runtime.load(bundle, verify="full")
 
 
-# 6. accepted_per_step: never negative, adds up to the tokens returned.
+# accepted_per_step: never negative, adds up to the tokens returned.
 def _with_eos(tiny_bundle: Path, tmp_path: Path, eos: int) -> Path:
     copy = shutil.copytree(tiny_bundle, tmp_path / "eos")
     manifest = json.loads((copy / "manifest.json").read_text())

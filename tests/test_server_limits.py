@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from tests.test_server import CLI, KEY, server
+from test_server import CLI, KEY, server
 
 
 @contextmanager
@@ -65,7 +65,7 @@ def _raw(url: str, data: bytes) -> httpx.Response:
                       timeout=60)
 
 
-# Item 1: bodies that once escaped as text/plain 500s.
+# Bodies that must be 400s, not 500s.
 def test_hostile_json_bodies_get_openai_400s(open_server):
     digits = _raw(open_server, b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + b"0" * 5000 + b"}")
     assert "digits" in _error(digits, 400)["message"]
@@ -81,7 +81,7 @@ def test_hostile_json_bodies_get_openai_400s(open_server):
     assert _error(completion, 400)["param"] == "stop"
 
 
-# Item 2: a client that closes mid-body.
+# A client that closes mid-body.
 def test_a_client_gone_mid_body_is_counted_as_499(open_server):
     host, port = urlparse(open_server).hostname, urlparse(open_server).port
     with socket.create_connection((host, port)) as sock:
@@ -95,7 +95,7 @@ def test_a_client_gone_mid_body_is_counted_as_499(open_server):
     assert 'status="500"' not in page
 
 
-# Item 3
+# A route called with another method.
 def test_a_wrong_method_is_a_405_with_allow(open_server):
     response = httpx.get(f"{open_server}/v1/chat/completions")
     error = _error(response, 405)
@@ -104,7 +104,7 @@ def test_a_wrong_method_is_a_405_with_allow(open_server):
     assert _error(httpx.get(f"{open_server}/v2/nothing"), 404)["code"] == "not_found"
 
 
-# Item 4: admission counts the free slots, not only the queue.
+# Admission counts the free slots, not only the queue.
 def test_the_scheduler_admits_a_burst_of_free_slots_plus_queue(runtime):
     with runtime.scheduler(max_batch=8, max_queue=1) as scheduler:
         with scheduler._wake:  # the lane cannot move anything into a slot while the burst arrives
@@ -133,7 +133,7 @@ def test_a_burst_of_max_batch_requests_is_answered_over_http(open_server):
     assert statuses == [200] * 8
 
 
-# Item 5: big prompts are prepared off the event loop, and refused before tokenizing.
+# Big prompts are prepared off the event loop, and refused before tokenizing.
 def test_health_stays_responsive_while_big_prompts_are_prepared(open_server):
     big = {"messages": [{"role": "user", "content": "hello world " * 85_000}], "max_tokens": 4}
     many = {"messages": [{"role": "user", "content": "a"}] * 100_000, "max_tokens": 4}
@@ -154,7 +154,7 @@ def test_health_stays_responsive_while_big_prompts_are_prepared(open_server):
     assert worst < 0.5, f"/health took {worst:.2f} s while big prompts were prepared"
 
 
-# Item 8: a browser's requests.
+# A browser's requests.
 def test_browser_requests_are_refused(open_server):
     url = f"{open_server}/v1/chat/completions"
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
@@ -176,7 +176,7 @@ def test_allowed_hosts_and_origins(limited_server):
     assert httpx.get(f"{limited_server}/v1/models", headers={**auth, "Origin": "http://evil.example"}).status_code == 403
 
 
-# Item 9
+# The metrics page behind the key.
 def test_metrics_need_the_key_when_asked(limited_server):
     assert _error(httpx.get(f"{limited_server}/metrics"), 401)["code"] == "invalid_api_key"
     page = httpx.get(f"{limited_server}/metrics", headers={"Authorization": f"Bearer {KEY}"})
@@ -184,7 +184,7 @@ def test_metrics_need_the_key_when_asked(limited_server):
     assert httpx.get(f"{limited_server}/health").status_code == 200
 
 
-# Item 7: the request head is bounded in time and size.
+# The request head is bounded in time and size.
 def _closed_within(sock: socket.socket, seconds: float) -> bytes:
     """What the server sent before closing the connection; fails if it is still open after `seconds`."""
     sock.settimeout(seconds)
@@ -236,7 +236,7 @@ def test_a_huge_header_is_refused(limited_server):
     assert re.match(rb"HTTP/1.1 (400|431)", answer), answer[:200]
 
 
-# Item 6: past the grace period.
+# Past the grace period.
 def test_requests_past_the_grace_period_get_503_or_an_error_event(tiny_bundle):
     with logged_server(tiny_bundle, "--grace-seconds", "2", "--max-batch", "8") as (url, proc, log):
         body = {"prompt": [5, 6, 7], "max_tokens": 480, "alg": "diffusion", "ignore_eos": True}
@@ -272,7 +272,7 @@ def test_requests_past_the_grace_period_get_503_or_an_error_event(tiny_bundle):
         assert json.loads(lines[-2][6:])["error"]["code"] == "shutting_down", lines[-3:]
 
 
-# Item 12: the extensions benchmark clients send.
+# The extensions benchmark clients send.
 def test_benchmark_clients_extensions(open_server):
     url = f"{open_server}/v1/completions"
     ran = httpx.post(url, json={"prompt": [5, 6], "max_tokens": 40, "ignore_eos": True, "min_tokens": 2,
@@ -336,7 +336,7 @@ def test_guidellm_finds_no_errored_request(guidellm, demo_bundle, tmp_path):
     assert benchmark["metrics"]["output_token_count"]["successful"]["total_sum"] == 32 * 32
 
 
-# Item 18: the announced address, and a port in use.
+# The announced address, and a port in use.
 def test_port_zero_announces_the_bound_port(tiny_bundle):
     proc = subprocess.Popen([CLI, "serve", str(tiny_bundle), "--threads", "1", "--port", "0"], stderr=subprocess.PIPE,
                             text=True)

@@ -1,4 +1,4 @@
-"""The command line's handling of options (issue #10): ranges, usage errors, help, defaults."""
+"""The command line's options: ranges, usage errors, help, defaults."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def assert_usage_error(code: int, out: str, err: str, message: str) -> None:
     assert message in lines[-1], lines[-1]
 
 
-# 5. Every integer option is range-checked before any work.
+# Every integer option is range-checked before any work.
 @pytest.mark.parametrize("args, flag", [
     (["generate", NO_BUNDLE, "--prompt-ids", "1", "--seed", "-1"], "--seed"),
     (["generate", NO_BUNDLE, "--prompt-ids", "1", "--seed", str(2**63)], "--seed"),
@@ -122,7 +122,7 @@ def test_python_api_range_checks_threads(tiny_bundle):
         Runtime.load(tiny_bundle, threads=0)
 
 
-# 8. Floats must be finite; token id lists well formed.
+# Floats must be finite; token id lists well formed.
 @pytest.mark.parametrize("args, flag", [
     (["--temperature", "inf"], "--temperature"), (["--temperature", "nan"], "--temperature"),
     (["--top-p", "nan"], "--top-p"), (["--top-p", "0"], "--top-p"),
@@ -163,7 +163,7 @@ def test_python_api_refuses_non_finite_floats(runtime, params, message):
         runtime.generate([72, 101], **params)
 
 
-# 9. Usage errors: exit status 2 with the usage line, everywhere; -h is help.
+# Usage errors: exit status 2 with the usage line, everywhere; -h is help.
 @pytest.mark.parametrize("args, message", [
     (["build-engine", NO_BUNDLE, "--backend", "foo"], "'--backend'"),
     (["build-engine", NO_BUNDLE, "--backend", "onnxruntime", "--precision", "fp8"], "'--precision'"),
@@ -201,7 +201,7 @@ def test_runtime_errors_exit_1_with_one_line(tiny_bundle):
     assert code == 1 and out == "" and err.strip().splitlines() == ["error: prompt token id 9999 is outside the vocabulary [0, 272)"]
 
 
-# 10. The default --max-new-tokens fits the prompt; a prompt that leaves no room says so.
+# The default --max-new-tokens fits the prompt; a prompt that leaves no room says so.
 def test_default_max_new_tokens_fits_what_the_prompt_leaves(runtime_without_eos):
     assert len(runtime_without_eos.generate([5] * 500, alg="ar").token_ids) == 12  # 512 positions
     assert len(runtime_without_eos.generate([5, 6], alg="ar").token_ids) == 128  # the cap
@@ -216,7 +216,7 @@ def test_a_prompt_that_leaves_no_room_is_called_too_long(tiny_bundle):
     assert code == 1 and "use --max-new-tokens 1 or less" in err
 
 
-# 7. Diffusion steps beyond the new tokens are refused (not clamped: see docs/apd.md).
+# Diffusion steps beyond the new tokens are refused (not clamped: see docs/apd.md).
 def test_more_diffusion_steps_than_new_tokens_are_refused(runtime, tiny_bundle):
     from apd_deploy.errors import GenerationError
 
@@ -231,7 +231,7 @@ def test_more_diffusion_steps_than_new_tokens_are_refused(runtime, tiny_bundle):
     assert runtime.generate([5, 6], alg="apd", steps=975, max_new_tokens=2).steps <= 2  # --steps is diffusion's only
 
 
-# 11. eval checks every argument before it starts solving.
+# eval checks every argument before it starts solving.
 @pytest.mark.parametrize("args, message, code", [
     (["--algs", "foo"], "--algs: 'foo' is not understood", 2),
     (["--algs", "apd,leftright:x"], "--algs: 'leftright:x' is not understood", 2),
@@ -247,7 +247,7 @@ def test_eval_checks_arguments_before_solving(tiny_bundle, args, message, code):
     assert err.strip().splitlines()[-1].startswith("error: ") and message in err
 
 
-# 12. The seed of a sampled generation is printed with the statistics.
+# The seed of a sampled generation is printed with the statistics.
 def test_the_seed_is_printed_without_json(tiny_bundle):
     code, out, err = run("generate", str(tiny_bundle), "--prompt-ids", "72,101", "--temperature", "0.9",
                          "--max-new-tokens", "6")
@@ -259,7 +259,7 @@ def test_the_seed_is_printed_without_json(tiny_bundle):
     assert "seed" not in run("generate", str(tiny_bundle), "--prompt-ids", "72,101", "--max-new-tokens", "6")[2]
 
 
-# 13. Help text for every option; the synopses in docs/cli.md list every flag.
+# Help text for every option; the synopses in docs/cli.md list every flag.
 def _options(name: str) -> list[click.Option]:
     return [p for p in cli.commands[name].params if isinstance(p, click.Option) and p.name != "help"]
 
@@ -285,7 +285,7 @@ def test_verify_help_says_what_remembered_trusts():
     assert code == 0 and "once per size and modification time, so a change that keeps both goes unnoticed" in text
 
 
-# 14. Threads: every core the process may run on.
+# Threads: every core the process may run on.
 def test_default_threads_is_every_core_the_process_may_use(monkeypatch):
     import os
 

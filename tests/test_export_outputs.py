@@ -44,7 +44,7 @@ def _foreign_dir(parent: Path) -> Path:
     return directory
 
 
-# Item 1: --overwrite replaces only what apd-deploy wrote.
+# --overwrite replaces only what apd-deploy wrote.
 
 def test_export_overwrite_refuses_a_directory_it_did_not_write(tiny_pair, tmp_path):
     directory = _foreign_dir(tmp_path)
@@ -98,7 +98,7 @@ def _cli():
     return cli
 
 
-# Item 11: an existing output is refused before anything is loaded.
+# An existing output is refused before anything is loaded.
 
 def test_existing_output_is_refused_before_the_checkpoints_are_read(tmp_path):
     directory = _foreign_dir(tmp_path)
@@ -107,7 +107,7 @@ def test_existing_output_is_refused_before_the_checkpoints_are_read(tmp_path):
         export_bundle(tmp_path / "no-dllm", tmp_path / "no-verifier", directory)
 
 
-# Item 2: SIGTERM cleans up like SIGINT; a dead process's leftovers are removed by the next run.
+# SIGTERM cleans up like SIGINT; a dead process's leftovers are removed by the next run.
 
 def test_sigterm_during_export_removes_the_staging_folder(tiny_pair, tmp_path):
     process = subprocess.Popen([CLI, "export", "--dllm", str(tiny_pair / "dllm"), "--verifier",
@@ -155,8 +155,8 @@ def test_a_dead_process_caught_between_its_renames_gets_its_old_output_back(tmp_
     assert (tmp_path / "b" / "manifest.json").read_text() == "{}" and _hidden(tmp_path) == []
 
 
-# Items 1, 3, 16 and 18 on one re-export over a bundle with an engine: `export --overwrite` via
-# the CLI, with the models' lifetimes and the final hashing observed.
+# One re-export over a bundle with an engine: `export --overwrite` via
+# The CLI, with the models' lifetimes and the final hashing observed.
 
 @pytest.fixture(scope="module")
 def reexport(tiny_pair, tiny_bundle, tmp_path_factory):
@@ -249,7 +249,7 @@ def test_reported_time_includes_hashing_and_writing(reexport):
     assert summary["seconds"] >= hashing_done - 0.01
 
 
-# Item 17 and GPU issue #13 item 1: the presets' scale and the 600m preset.
+# The presets' scale and the 600m preset.
 
 @pytest.mark.parametrize("preset", ["tiny", "30m"])
 def test_presets_give_logits_at_a_trained_models_scale(preset, tmp_path):
@@ -306,7 +306,7 @@ def test_30m_pair_passes_its_fp16_check(tmp_path):
         assert model["check"]["status"] == "passed" and model["check"]["logits_scale"] < 30
 
 
-# Item 16: peak memory on a pair whose dLLM (0.66 GB in fp32) dwarfs the libraries' own memory.
+# Peak memory on a pair whose dLLM (0.66 GB in fp32) dwarfs the libraries' own memory.
 
 def _memory_script():
     spec = importlib.util.spec_from_file_location("export_memory", ROOT / "scripts" / "export_memory.py")
@@ -359,8 +359,8 @@ def test_chunked_checkpoint_reader_matches_safetensors(tmp_path, monkeypatch):
         assert all(torch.equal(read[k], expected[k].to(dtype)) and read[k].dtype == dtype for k in read)
 
 
-# Issue #27, item 19: what make-tiny and export write follows the umask (safetensors' save_file
-# made the weights 0600, unreadable to a server running as another user).
+# What make-tiny and export write follows the umask (safetensors' save_file
+# Made the weights 0600, unreadable to a server running as another user).
 
 def _modes(root: Path) -> dict[str, int]:
     return {p.relative_to(root).as_posix(): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
