@@ -16,7 +16,7 @@ from apd_deploy.bench.concurrency import parse_levels
 from apd_deploy.bench.runner import parse_sweep
 from apd_deploy.bundle import VERIFY_MODES
 from apd_deploy.cli_options import (CONTEXT, THREADS_BOUND, IntList, Parsed, ThreadCount, apd_options, in_cli_terms,
-                                    local_threads_option, param_option, param_options, sampling_options,
+                                    local_threads_option, param_option, param_options, sampling_options, slot_options,
                                     threads_option)
 from apd_deploy.cli_progress import counted, progress_bar
 from apd_deploy.engines.build import BACKENDS, DEVICES, PRECISIONS
@@ -320,10 +320,7 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: list[AlgSpec]
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0: every interface; give an --api-key then).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Requests decoded together (slots).")
-@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Requests waiting for a slot; beyond it requests get 429 with Retry-After.")
+@slot_options("requests get 429 with Retry-After")
 @click.option("--lanes", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPU engines: scheduling loops side by side, each with threads/lanes threads.")
 @threads_option
@@ -606,10 +603,7 @@ def bench_concurrency(runtime: Any, levels: list[int], lanes: int, algs: list[Al
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
 @click.option("--model-name", help="The model's name in Triton (its folder in OUT)  [default: the bundle folder's name]")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Requests decoded together by each instance (slots of its scheduler).")
-@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Requests waiting for a slot; beyond it a request gets an UNAVAILABLE error (retry later).")
+@slot_options("a request gets an UNAVAILABLE error (retry later); per instance")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model instances (stub processes), each with the bundle loaded and its own scheduler.")
 @threads_option

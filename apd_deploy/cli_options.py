@@ -119,6 +119,19 @@ class ThreadCount(click.IntRange):
 THREADS_BOUND = f"at most {THREADS_PER_CORE}x the cores"
 
 
+def slot_options(full_queue: str) -> Callable[[Any], Any]:
+    """--max-batch and --max-queue of a command serving requests through the batched scheduler;
+    `full_queue` says what a request gets when the queue is full."""
+
+    def add(command: Any) -> Any:
+        command = click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+                               help=f"Requests waiting for a slot; beyond it {full_queue}.")(command)
+        return click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+                            help="Requests decoded together (the scheduler's slots).")(command)
+
+    return add
+
+
 def local_threads_option(command: Any) -> Any:
     """--threads of a command that runs the models in this process."""
     return click.option("--threads", type=ThreadCount(),

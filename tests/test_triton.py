@@ -17,13 +17,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from apd_deploy.bench.serving import free_port
+from apd_deploy.bench.serving import free_port, wait_ready
 from apd_deploy.errors import ApdDeployError
 from apd_deploy.tasks.arithmetic import problems
 from apd_deploy.triton.environment import PythonEnv
@@ -113,15 +112,7 @@ def triton(triton_env, demo_bundle, tmp_path_factory):
                                            str(ports["grpc"]), "--metrics-port", str(ports["metrics"])),
                                 stdout=out, stderr=subprocess.STDOUT)
     server = Triton(repo, proc, log, ports, shm_before)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{server.http}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
+    assert wait_ready(f"{server.http}/v2/health/ready", proc, 120), log.read_text()
     yield server
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -223,6 +223,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, proc: subprocess.Popen, seconds: float) -> bool:
+    """Whether `url` answers 200 within `seconds` while `proc` (the server) is alive."""
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 @contextmanager
 def launched_server(args: list[str], port: int | None = None, env: dict[str, str] | None = None,
                     start_seconds: float = 60) -> Iterator[tuple[str, subprocess.Popen]]:
@@ -235,16 +248,8 @@ def launched_server(args: list[str], port: int | None = None, env: dict[str, str
                             env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + start_seconds
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{' '.join(command)} did not start: {proc.communicate(timeout=60)[1]}")
-            time.sleep(0.1)
+        if not wait_ready(f"{url}/ready", proc, start_seconds):
+            raise RuntimeError(f"{' '.join(command)} did not start: {proc.communicate(timeout=60)[1]}")
         yield url, proc
     finally:
         if proc.poll() is None:
