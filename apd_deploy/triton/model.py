@@ -29,6 +29,8 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # How often the cancellation of requests in flight is looked at: a cancelled request goes on
 # for at most this long (its decoding steps, a few ms each, are not interrupted).
 CANCEL_POLL_SECONDS = 0.05
+# How long finalize waits for the requests it cancelled to send their final responses.
+FINALIZE_WAIT_SECONDS = 30.0
 
 
 class TritonPythonModel:
@@ -50,9 +52,12 @@ class TritonPythonModel:
         self.finished = {reason: self.metric_family.Metric(labels={"model": args["model_name"], "finish_reason": reason})
                          for reason in ("stop", "length", "cancelled")}
         self.in_flight: dict[Any, Any] = {}  # handle -> its response sender
-        # Held for every call on a response sender and for `in_flight`: the backend crashed
-        # (SIGSEGV) when a sender was asked whether it was cancelled after its final response.
+        # Held for every call on a pb_utils object from our threads (response senders, metrics) and
+        # for `in_flight`: the stub's objects are not thread-safe. Two threads incrementing one
+        # metric at once crashed tritonserver (SIGSEGV: a metric reuses its shared-memory message),
+        # and a sender asked whether it was cancelled after its final response crashed the stub.
         self.lock = threading.Lock()
+        self.answered = threading.Condition(self.lock)  # notified as `in_flight` shrinks
         self.closing = threading.Event()
         self.watcher = threading.Thread(target=self._watch_cancellations, name="apd-cancellations", daemon=True)
         self.watcher.start()
@@ -88,6 +93,7 @@ class TritonPythonModel:
         with self.lock:
             del self.in_flight[handle]
             send_final(sender, final)
+            self.answered.notify_all()
 
     def _refuse(self, sender: Any, message: str, code: Any) -> None:
         with self.lock:
@@ -113,7 +119,8 @@ class TritonPythonModel:
         result = handle.result()
         stopped = stop is not None and stop.stopped
         reason = "stop" if stopped else result.finish_reason
-        self.finished[reason].increment(1)
+        with self.lock:
+            self.finished[reason].increment(1)
         rest = stop.flush() if stop is not None and not stopped else ""
         figures = [strings("text_output", [rest]), strings("finish_reason", [reason]),
                    ints("steps", [result.steps]), ints("accepted_per_step", result.accepted_per_step),
@@ -131,9 +138,16 @@ class TritonPythonModel:
                         handle.cancel()
 
     def finalize(self) -> None:
-        """Triton unloads the instance (shutdown, a model reload) once its requests are answered."""
+        """Triton unloads the instance (shutdown, a model reload) once its requests are answered.
+        Our threads stop calling the stub here, and the metrics go while it can still delete them:
+        the stub tears itself down after this returns (a metric deleted then segfaults it)."""
         self.closing.set()
+        self.watcher.join()
         self.scheduler.close(cancel=True)
+        with self.answered:
+            self.answered.wait_for(lambda: not self.in_flight, FINALIZE_WAIT_SECONDS)
+            self.finished.clear()  # the metrics before their family
+            del self.metric_family
 
 
 def read_request(request: Any) -> tuple[str, bool, list[str], dict[str, Any]]:
