@@ -20,9 +20,7 @@ class StopText:
         if hits:
             out, self.pending, self.stopped = self.pending[: min(hits)], "", True
             return out
-        keep = len(self.pending) - self.hold
-        if keep <= 0:
-            return ""
+        keep = max(len(self.pending) - self.hold, 0)
         out, self.pending = self.pending[:keep], self.pending[keep:]
         return out
 
