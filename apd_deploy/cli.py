@@ -314,6 +314,15 @@ def eval_command(bundle: str, task: str, split: str, n: int, algs: list[AlgSpec]
         click.echo(format_table(results))
 
 
+def refuse_typed(names: tuple[str, ...], why: str) -> None:
+    """A usage error naming the first of the options `names` typed on the command line: a value from
+    the environment (RAY_ADDRESS, APD_API_KEY) is no mistake."""
+    source = click.get_current_context().get_parameter_source
+    typed = [name for name in names if source(name) is click.core.ParameterSource.COMMANDLINE]
+    if typed:
+        raise click.UsageError(f"--{typed[0].replace('_', '-')} {why}")
+
+
 @cli.command("serve", context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path())
 @click.option("--engine", help="An engine of the bundle  [default: the ONNX graphs on the CPU]")
@@ -374,24 +383,14 @@ def serve_command(use_ray: bool, replicas: int | None, autoscale: tuple[int, int
                                "needs a slot")
     if settings.metrics_key_required and settings.api_key is None:
         raise click.UsageError("--metrics-key-required needs --api-key (or APD_API_KEY)")
-    source = click.get_current_context().get_parameter_source
-    if use_ray:
-        given = [f"--{name.replace('_', '-')}" for name in ("header_timeout", "max_header_bytes", "keep_alive_seconds",
-                                                             "max_connections", "allowed_hosts", "allowed_origins",
-                                                             "metrics_key_required")
-                 if source(name) is click.core.ParameterSource.COMMANDLINE]
-        if given:
-            raise click.UsageError(f"{given[0]} is for the single-process server: drop it or --ray")
     if not use_ray:
-        # Typed on the command line, that is: RAY_ADDRESS in the environment is no mistake.
-        given = [f"--{name.replace('_', '-')}" for name in ("replicas", "autoscale", "ray_address", "ray_proxy_every_node")
-                 if source(name) is click.core.ParameterSource.COMMANDLINE]
-        if given:
-            raise click.UsageError(f"{given[0]} is for Ray Serve: add --ray")
+        refuse_typed(("replicas", "autoscale", "ray_address", "ray_proxy_every_node"), "is for Ray Serve: add --ray")
         from apd_deploy.server.serve import serve
 
         serve(settings)
         return
+    refuse_typed(("header_timeout", "max_header_bytes", "keep_alive_seconds", "max_connections", "allowed_hosts",
+                  "allowed_origins", "metrics_key_required"), "is for the single-process server: drop it or --ray")
     if replicas is not None and autoscale is not None:
         raise click.UsageError("give --replicas or --autoscale, not both")
     try:
