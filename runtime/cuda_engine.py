@@ -29,10 +29,9 @@ import numpy as np
 
 from apd_deploy.errors import BundleError
 from apd_deploy.runtime.arrays import to_host
-from apd_deploy.runtime.engine import (NUMPY_DTYPES, DecoderSpec, EngineCall, batch_feed, ort_session_options,
-                                      split_outputs)
+from apd_deploy.runtime.engine import (NUMPY_DTYPES, CacheAllocator, DecoderSpec, EngineCall, batch_feed,
+                                      ort_session_options, split_outputs)
 from apd_deploy.runtime.fixed_shapes import FixedShape, PaddedInputs
-from apd_deploy.runtime.kv_cache import KVCache, KVSlots
 
 # Sessions kept per engine, one per fixed shape; each holds its own copy of the weights on the GPU.
 MAX_FIXED_SESSIONS = 8
@@ -87,7 +86,7 @@ class FixedShapeSession:
         return split_outputs(calls, counts, self.logits, self.new_kv)
 
 
-class OrtCudaDecoder:
+class OrtCudaDecoder(CacheAllocator):
     """onnxruntime's CUDA provider with I/O binding: ids, caches and logits stay in cupy buffers
     on the GPU. Calls are serialised (the fixed-shape buffers are shared by every request)."""
 
@@ -107,7 +106,7 @@ class OrtCudaDecoder:
                 "Python (no numpy dtype); build a TensorRT engine for bf16, or export fp16"
             )
         require_ort_cuda()
-        self.xp = cupy = require_cupy()
+        self.xp = self.cache_xp = cupy = require_cupy()
         self.graph, self.spec, self.threads, self.options = graph, spec, threads, session_options
         self.kv_dtype = np.dtype(NUMPY_DTYPES[spec.kv_dtype])
         self.stream = compute_stream(cupy)
@@ -139,12 +138,6 @@ class OrtCudaDecoder:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         providers = [("CUDAExecutionProvider", provider_options(self.stream, cuda_graph)), "CPUExecutionProvider"]
         return ort.InferenceSession(str(self.graph), options, providers=providers)
-
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype, xp=self.xp)
-
-    def new_slots(self, slots: int, capacity: int) -> KVSlots:
-        return KVSlots(slots, capacity, self.spec.kv_dims, self.kv_dtype, xp=self.xp)
 
     def run(self, calls: Sequence[EngineCall]) -> list[tuple[Any, Any]]:
         with self._lock, self.stream:

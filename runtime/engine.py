@@ -90,6 +90,20 @@ class DecoderEngine(Protocol):
         the engine's own buffers: valid until its next call."""
 
 
+class CacheAllocator:
+    """An engine's `new_cache` and `new_slots`: buffers of its KV dtype where it reads them."""
+
+    spec: DecoderSpec
+    kv_dtype: np.dtype
+    cache_xp: ModuleType = np  # the array module of the caches: cupy for the GPU engines
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype, xp=self.cache_xp)
+
+    def new_slots(self, slots: int, capacity: int) -> KVSlots:
+        return KVSlots(slots, capacity, self.spec.kv_dims, self.kv_dtype, xp=self.cache_xp)
+
+
 @dataclass(frozen=True)
 class SynchronizedEngine:
     """An engine whose calls return once their work is done (a GPU call returns before), so that the
@@ -166,7 +180,7 @@ def ort_session_options(threads: int | None, options: dict[str, Any] | None):
     return so
 
 
-class OrtCpuDecoder:
+class OrtCpuDecoder(CacheAllocator):
     """onnxruntime on the CPU. With `xp` = cupy the logits are moved to the GPU after each call,
     which only makes sense to exercise the cupy array backend on a machine without a GPU engine.
     `fixed_shapes` pads every call as the CUDA engine does (`fixed_shapes.py`): slower here, it
@@ -191,12 +205,6 @@ class OrtCpuDecoder:
         self.kv_dtype = np.dtype(NUMPY_DTYPES[spec.kv_dtype])
         self._arange = np.arange(spec.max_positions, dtype=np.int64)
         self._padded: dict[FixedShape, PaddedInputs] | None = {} if fixed_shapes else None
-
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype)
-
-    def new_slots(self, slots: int, capacity: int) -> KVSlots:
-        return KVSlots(slots, capacity, self.spec.kv_dims, self.kv_dtype)
 
     def run(self, calls: Sequence[EngineCall]) -> list[tuple[Any, Any]]:
         # Draft ids live on the GPU when cupy samples over this engine (the rows are host arrays).

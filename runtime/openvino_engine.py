@@ -26,8 +26,8 @@ import numpy as np
 from apd_deploy.accelerators import cpu_isa, native_bf16, require_openvino
 from apd_deploy.engines.openvino_build import compile_config
 from apd_deploy.errors import BundleError, EngineMismatch
-from apd_deploy.runtime.engine import DecoderSpec, EngineCall, split_outputs
-from apd_deploy.runtime.kv_cache import KVCache, KVSlots, stacked_past
+from apd_deploy.runtime.engine import CacheAllocator, DecoderSpec, EngineCall, split_outputs
+from apd_deploy.runtime.kv_cache import stacked_past
 
 PAST_STEP = 64
 
@@ -57,11 +57,12 @@ class GrowingBuffers:
         return flat[:size].reshape(shape)
 
 
-class OpenVinoDecoder:
+class OpenVinoDecoder(CacheAllocator):
     """One compiled graph and one infer request of it (see the module docstring)."""
 
     first_verify_chunk = 8  # a CPU call costs its tokens: score the draft in growing chunks
     call_cost_tokens = 32
+    kv_dtype = np.dtype(np.float32)
 
     def __init__(self, compiled: Any, spec: DecoderSpec, blob: np.memmap | None = None) -> None:
         self.compiled, self.spec, self.xp = compiled, spec, np
@@ -69,12 +70,6 @@ class OpenVinoDecoder:
         self.request = compiled.create_infer_request()
         self._buffers = GrowingBuffers()
         self._arange = np.arange(spec.max_positions, dtype=np.int64)
-
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(capacity, *self.spec.kv_dims, np.float32)
-
-    def new_slots(self, slots: int, capacity: int) -> KVSlots:
-        return KVSlots(slots, capacity, self.spec.kv_dims, np.float32)
 
     def run(self, calls: Sequence[EngineCall]) -> list[tuple[Any, Any]]:
         feed, counts = self._feed(calls)

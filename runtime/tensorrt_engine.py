@@ -18,8 +18,7 @@ import numpy as np
 
 from apd_deploy.errors import BundleError, EngineMismatch, GenerationError
 from apd_deploy.runtime.arrays import to_host
-from apd_deploy.runtime.engine import GRAPH_INPUTS, DecoderSpec, EngineCall, batch_feed, split_outputs
-from apd_deploy.runtime.kv_cache import KVCache, KVSlots
+from apd_deploy.runtime.engine import GRAPH_INPUTS, CacheAllocator, DecoderSpec, EngineCall, batch_feed, split_outputs
 
 # bf16 has no numpy/cupy dtype; the runtime only copies the cache, so 16-bit storage carries it.
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int64": np.int64}
@@ -80,7 +79,7 @@ def select_profile(profiles: list[dict[str, Any]], batch: int, seq_len: int, pas
     )
 
 
-class TensorRTDecoder:
+class TensorRTDecoder(CacheAllocator):
     """Execution contexts (one per optimisation profile) share the engine and one device buffer for
     their activations, sized for the largest profile; calls are serialised by a lock, since a
     context is not safe to use from two threads at once (and the shared buffer serves one call at a
@@ -97,7 +96,7 @@ class TensorRTDecoder:
         from apd_deploy.accelerators import compute_capability, require_cupy, require_tensorrt
 
         trt = require_tensorrt()
-        self.xp = cupy = require_cupy()
+        self.xp = self.cache_xp = cupy = require_cupy()
         check_engine_record(name, record, trt.__version__, compute_capability())
         self.spec = spec
         self.kv_dtype = np.dtype(STORAGE_DTYPES[spec.kv_dtype])
@@ -143,12 +142,6 @@ class TensorRTDecoder:
         if self._buffers[name].nbytes < nbytes:
             self._buffers[name] = self.xp.empty(nbytes, dtype=np.uint8)
         return self._buffers[name][:nbytes].view(dtype).reshape(shape)
-
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(capacity, *self.spec.kv_dims, self.kv_dtype, xp=self.xp)
-
-    def new_slots(self, slots: int, capacity: int) -> KVSlots:
-        return KVSlots(slots, capacity, self.spec.kv_dims, self.kv_dtype, xp=self.xp)
 
     def run(self, calls: Sequence[EngineCall]) -> list[tuple[Any, Any]]:
         cupy = self.xp
