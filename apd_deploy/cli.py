@@ -539,11 +539,11 @@ def bench_command(bundle: str, algs: list[AlgSpec] | None, levels: list[int] | N
     runtime = Runtime.load(bundle, engine=engine, threads=threads)
     prompts = load_prompts(runtime, task, prompts_file, random_prompts, n)
     max_new_tokens = max_new_tokens or default_max_new_tokens(task)
+    settings: dict[str, Any] = {"bundle": bundle, "engine": engine, "threads": threads, "task": task,
+                                "prompts": prompts_file, "random_prompts": random_prompts, "n": len(prompts),
+                                "max_new_tokens": max_new_tokens, "repeat": repeat}
     if levels:
-        bench_concurrency(runtime, levels, lanes, algs or parse_algs("apd"), prompts, max_new_tokens, repeat, task,
-                          {"bundle": bundle, "engine": engine, "threads": threads, "lanes": lanes, "task": task,
-                           "prompts": prompts_file, "random_prompts": random_prompts, "n": len(prompts),
-                           "max_new_tokens": max_new_tokens, "repeat": repeat}, Path(out))
+        bench_concurrency(runtime, levels, algs or parse_algs("apd"), prompts, {**settings, "lanes": lanes}, Path(out))
         return
     algs, grid = algs or parse_algs("apd,leftright:1,ar"), dict(sweeps)
     check_benchmark(runtime, algs, grid, prompts, max_new_tokens, repeat)
@@ -558,10 +558,8 @@ def bench_command(bundle: str, algs: list[AlgSpec] | None, levels: list[int] | N
     with bar:
         results = benchmark(runtime, algs, grid, prompts, max_new_tokens, repeat, task, eager_loop,
                             progress_total=lambda total: setattr(bar, "length", total), progress=lambda: bar.update(1))
-    settings = {"bundle": bundle, "engine": engine, "threads": threads, "algs": ",".join(a.label for a in algs),
-                "sweeps": [f"{name}={','.join(map(str, values))}" for name, values in grid.items()],
-                "task": task, "prompts": prompts_file, "random_prompts": random_prompts, "n": len(prompts),
-                "max_new_tokens": max_new_tokens, "repeat": repeat, "eager_device": eager_device if eager else None}
+    settings.update(algs=",".join(a.label for a in algs), eager_device=eager_device if eager else None,
+                    sweeps=[f"{name}={','.join(map(str, values))}" for name, values in grid.items()])
     if step_profile:
         from apd_deploy.bench.runner import step_profile as profile
 
@@ -574,13 +572,14 @@ def bench_command(bundle: str, algs: list[AlgSpec] | None, levels: list[int] | N
     click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
 
 
-def bench_concurrency(runtime: Any, levels: list[int], lanes: int, algs: list[AlgSpec], prompts: list, max_new_tokens: int,
-                      repeat: int, task: str | None, settings: dict[str, Any], out: Path) -> None:
-    """`bench --concurrency`: one configuration (the only one in --algs) at each level."""
+def bench_concurrency(runtime: Any, levels: list[int], algs: list[AlgSpec], prompts: list, settings: dict[str, Any],
+                      out: Path) -> None:
+    """`bench --concurrency`: one configuration (the only one in --algs) at each level, with bench's `settings`."""
     from apd_deploy.bench.concurrency import benchmark_concurrency, format_levels
     from apd_deploy.bench.report import write_levels
     from apd_deploy.bench.runner import check_benchmark
 
+    max_new_tokens, repeat, task = settings["max_new_tokens"], settings["repeat"], settings["task"]
     configs, names = check_benchmark(runtime, algs, {}, prompts, max_new_tokens, repeat), ",".join(a.label for a in algs)
     if len(configs) != 1:
         raise click.UsageError(f"--concurrency measures one configuration; --algs names {len(configs)}: {names}")
@@ -589,7 +588,7 @@ def bench_concurrency(runtime: Any, levels: list[int], lanes: int, algs: list[Al
     extract = TASKS[task].extract_answer if task else None
     bar = progress_bar(None, "benchmarking", "generation")
     with bar:
-        rows = benchmark_concurrency(runtime, levels, prompts, params, repeat, extract, lanes,
+        rows = benchmark_concurrency(runtime, levels, prompts, params, repeat, extract, settings["lanes"],
                                      progress_total=lambda total: setattr(bar, "length", total),
                                      progress=lambda: bar.update(1))
     written = write_levels(out, {**settings, "algs": names, "concurrency": levels}, rows)
