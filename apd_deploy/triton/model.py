@@ -72,20 +72,16 @@ class TritonPythonModel:
             except QueueFull:
                 self._refuse(sender, f"the queue is full ({self.max_queue} requests wait for a slot); retry later, or "
                                    "write the repository with a larger --max-queue", pb_utils.TritonError.UNAVAILABLE)
-                continue
             except SchedulerClosed as exc:
                 self._refuse(sender, str(exc), pb_utils.TritonError.UNAVAILABLE)
-                continue
             except GenerationError as exc:
                 self._refuse(sender, in_triton_terms(exc), pb_utils.TritonError.INVALID_ARG)
-                continue
-            with self.lock:
-                self.in_flight[handle] = sender
-            threading.Thread(target=self._respond, args=(handle, sender, StopText(stops) if stops else None),
-                             daemon=True).start()
-        return None
+            else:
+                with self.lock:
+                    self.in_flight[handle] = sender
+                threading.Thread(target=self._respond, args=(handle, sender, StopText(stops)), daemon=True).start()
 
-    def _respond(self, handle: Any, sender: Any, stop: StopText | None) -> None:
+    def _respond(self, handle: Any, sender: Any, stop: StopText) -> None:
         try:
             final = self._stream(handle, sender, stop)
         except Exception as exc:  # the request failed (its decoding, the engine): the others go on
@@ -99,30 +95,26 @@ class TritonPythonModel:
         with self.lock:
             send_final(sender, error_response(message, code))
 
-    def _stream(self, handle: Any, sender: Any, stop: StopText | None) -> Any:
+    def _stream(self, handle: Any, sender: Any, stop: StopText) -> Any:
         """Send each chunk as its step commits it; the final response, with the figures."""
         for chunk in handle:
-            if stop is not None and stop.stopped:
+            if stop.stopped:
                 continue  # the rest of a stopped request, while it ends
-            text = chunk.text or ""
-            if stop is not None:
-                text = stop.push(text)
-                if stop.stopped:
-                    handle.cancel()
-            response = pb_utils.InferenceResponse(output_tensors=[
-                strings("text_output", [text]), pb_utils.Tensor("token_ids", np.array(chunk.token_ids, np.int32))])
+            text = stop.push(chunk.text or "")
+            if stop.stopped:
+                handle.cancel()
+            response = pb_utils.InferenceResponse(output_tensors=[strings("text_output", [text]),
+                                                                  ints("token_ids", chunk.token_ids)])
             try:
                 with self.lock:
                     sender.send(response)
             except Exception:  # the client is gone: stop decoding for it
                 handle.cancel()
         result = handle.result()
-        stopped = stop is not None and stop.stopped
-        reason = "stop" if stopped else result.finish_reason
+        reason = "stop" if stop.stopped else result.finish_reason
         with self.lock:
             self.finished[reason].increment(1)
-        rest = stop.flush() if stop is not None and not stopped else ""
-        figures = [strings("text_output", [rest]), strings("finish_reason", [reason]),
+        figures = [strings("text_output", [stop.flush()]), strings("finish_reason", [reason]),
                    ints("steps", [result.steps]), ints("accepted_per_step", result.accepted_per_step),
                    ints("dllm_forwards", [result.dllm_forwards]), ints("verifier_forwards", [result.verifier_forwards]),
                    pb_utils.Tensor("seconds", np.array([result.seconds], np.float32))]
