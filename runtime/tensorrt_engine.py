@@ -53,25 +53,17 @@ def select_profile(profiles: list[dict[str, Any]], batch: int, seq_len: int, pas
     for index, profile in enumerate(profiles):
         if holds(profile):
             return index
-    most_capacity = max(p["capacity"][2] for p in profiles)
-    if capacity > most_capacity:
-        raise GenerationError(
-            f"a call hands over a cache buffer of {capacity} positions; the engine takes at most {most_capacity}; "
-            f"rebuild it with --max-seq-len {capacity} or more, or ask for fewer new tokens"
-        )
-    most_batch = max(p["batch"][2] for p in profiles)
-    if batch > most_batch:
-        raise GenerationError(
-            f"a call batches {batch} requests; the engine was built for at most {most_batch}; rebuild it with "
-            f"--max-batch {batch} or more, or run with a smaller --max-batch"
-        )
-    most_rows = max(p["logit_len"][2] for p in profiles)
-    if logit_len > most_rows:
-        raise GenerationError(
-            f"a call asks for logits of {logit_len} rows; the engine computes at most {most_rows} per call "
-            "(M + 1 of the bundle's APD defaults); rebuild it with --max-logit-rows "
-            f"{logit_len} or more (Dream's diffusion asks for one row per masked position)"
-        )
+    for key, value, beyond in (
+        ("capacity", capacity, "a call hands over a cache buffer of {value} positions; the engine takes at most {most}; "
+         "rebuild it with --max-seq-len {value} or more, or ask for fewer new tokens"),
+        ("batch", batch, "a call batches {value} requests; the engine was built for at most {most}; rebuild it with "
+         "--max-batch {value} or more, or run with a smaller --max-batch"),
+        ("logit_len", logit_len, "a call asks for logits of {value} rows; the engine computes at most {most} per call "
+         "(M + 1 of the bundle's APD defaults); rebuild it with --max-logit-rows {value} or more (Dream's diffusion "
+         "asks for one row per masked position)"),
+    ):
+        if value > (most := max(p[key][2] for p in profiles)):
+            raise GenerationError(beyond.format(value=value, most=most))
     limits = ", ".join(f"{p['name']}: window <= {p['seq_len'][2]}, past <= {p['past_len'][2]}" for p in profiles)
     raise GenerationError(
         f"a window of {seq_len} tokens after {past_len} cached ones is outside the engine's profiles ({limits}); "
