@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from apd_deploy.errors import GenerationError
-from apd_deploy.runtime.params import PARAM, PARAMS
+from apd_deploy.runtime.params import PARAMS
+from apd_deploy.server.protocol import field_of as body_field
 
 # Numbers in Triton's usual widths (TensorRT-LLM's models take the same): a C++ client sends
 # temperature as FP32 and max_tokens as INT32; a seed needs 63 bits.
@@ -53,10 +54,7 @@ PROMPT_FIELD = "text_input"
 
 def field_of(keyword: str) -> str:
     """What the Triton model calls a Runtime keyword (the prompt is text_input)."""
-    if keyword == "prompt":
-        return PROMPT_FIELD
-    param = PARAM.get(keyword)
-    return param.field if param is not None and param.field else keyword
+    return PROMPT_FIELD if keyword == "prompt" else body_field(keyword)
 
 
 def in_triton_terms(exc: GenerationError) -> str:
