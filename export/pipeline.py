@@ -40,10 +40,6 @@ KV_LAYOUT = "[batch, num_layers, 2, num_kv_heads, capacity, head_dim]; past_kv's
 Report = Callable[[str], None]
 
 
-def _silent(_: str) -> None:
-    pass
-
-
 @contextlib.contextmanager
 def _stage(report: Report, what: str) -> Iterator[None]:
     report(f"{what} ...")
@@ -160,8 +156,8 @@ def export_bundle(
     allow_pickle: bool = False,
     overwrite: bool = False,
     tolerance: float | None = None,
-    report: Report = _silent,
-    warn: Report = _silent,
+    report: Report = lambda _: None,
+    warn: Report = lambda _: None,
 ) -> dict[str, Any]:
     """Export both checkpoints into the bundle directory `out` and return its manifest.
 
