@@ -21,9 +21,10 @@ from apd_deploy.runtime.arrays import array_module
 from apd_deploy.runtime.driver import Decoding, Request, step
 from apd_deploy.runtime.engine import DecoderEngine, DecoderSpec, OrtCpuDecoder, SynchronizedEngine, default_threads
 from apd_deploy.runtime.openvino_engine import open_openvino
-from apd_deploy.runtime.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, check_integer
+from apd_deploy.runtime.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, check_integer, group
 from apd_deploy.runtime.results import Generation, GenerationResult
 from apd_deploy.runtime.sampling import SamplingParams
+from apd_deploy.runtime.threads import too_many_threads
 from apd_deploy.runtime.tokenizer import BundleTokenizer
 
 if TYPE_CHECKING:
@@ -81,19 +82,16 @@ class Runtime:
           GPU levers, or to check the padding on the CPU.
         """
         if threads is not None:
-            from apd_deploy.runtime.threads import check_thread_limit
-
             check_integer("threads", threads, 1)
-            check_thread_limit("threads", threads)
+            if (reason := too_many_threads(threads)) is not None:
+                raise GenerationError(f"threads {reason}")
         if verify not in VERIFY_MODES:
             raise GenerationError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
         bundle = Path(bundle)
-        manifest = read_manifest(bundle, verify="skip")
+        manifest, record = cls.check_files(bundle, engine, verify)
         specs = {role: DecoderSpec.from_manifest(manifest["models"][role], bundle / "manifest.json", role)
                  for role in ("dllm", "verifier")}
         _check_pair(bundle, manifest, specs)
-        record = _engine_record(bundle, manifest, engine)
-        verify_files(bundle, manifest, verify, only=_files_read(bundle, manifest, record))
         threads = threads or default_threads()
         # Cached: a lane's sessions are opened once per runtime (each costs a load of the weights).
         open_lanes = cache(partial(_open_engines, bundle, manifest, engine, record, specs, array_backend,
@@ -105,19 +103,20 @@ class Runtime:
                    engine_max_batch=(engine, record["max_batch"]) if record and record.get("max_batch") else None)
 
     @staticmethod
-    def check_files(bundle: str | Path, engine: str | None = None, verify: str = "full") -> None:
+    def check_files(bundle: str | Path, engine: str | None = None,
+                    verify: str = "full") -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Check the files `load(bundle, engine)` would read against the manifest's sha256, without
-        opening an engine (a node checks its copy of a bundle before it serves)."""
+        opening an engine (a node checks its copy of a bundle before it serves); returns the
+        manifest and the engine's record (None: the exported graphs)."""
         bundle = Path(bundle)
         manifest = read_manifest(bundle, verify="skip")
         record = _engine_record(bundle, manifest, engine)
         verify_files(bundle, manifest, verify, only=_files_read(bundle, manifest, record))
+        return manifest, record
 
     def params(self, **overrides: Any) -> GenerationParams:
         """Generation parameters: the bundle's APD defaults with `overrides` (None = default)."""
-        sampling = SamplingParams(**{k: overrides.pop(k) for k in ("temperature", "top_p", "top_k", "seed") if k in overrides})
-        if sampling.temperature is None:
-            sampling = replace(sampling, temperature=0.0)
+        sampling = SamplingParams(**{k: v for k in group("sampling") if (v := overrides.pop(k, None)) is not None})
         chosen = {k: v for k, v in overrides.items() if v is not None}
         unknown = set(chosen) - set(GenerationParams.__dataclass_fields__)
         if unknown:

@@ -66,12 +66,12 @@ class Scheduler:
         self._next_id = 0
         # Called on a lane's thread after each iteration with its seconds and its number of requests
         # (a server's step-latency and batch-size metrics).
-        self.on_iteration: Callable[[float, int], None] | None = None
+        self.on_iteration: Callable[[float, int], None] = lambda seconds, batch: None
         # Lane i takes every lanes-th slot of max_batch; each lane beyond one runs its own sessions,
         # opened once per runtime (a session costs a load of the weights).
         engines = runtime.open_lanes(lanes) if lanes > 1 else [runtime.engines]
         self.lanes = [Lane(runtime, engines[i], len(range(i, max_batch, lanes)), self.max_seq_len, self._take,
-                           self._report, i) for i in range(lanes)]
+                           lambda seconds, batch: self.on_iteration(seconds, batch), i) for i in range(lanes)]
         for lane in self.lanes:
             lane.thread.start()
 
@@ -168,10 +168,6 @@ class Scheduler:
                     lane.active.append(request)
                 if lane.active:  # else another lane took what was queued
                     return True
-
-    def _report(self, seconds: float, batch: int) -> None:
-        if self.on_iteration is not None:
-            self.on_iteration(seconds, batch)
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         """Take no more requests, let the queued and active ones finish (or cancel them), and stop."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from apd_deploy.errors import GenerationError
 from apd_deploy.runtime.engine import default_threads
 
 # Room for lanes that share cores and for some oversubscription, none for a typo: 10000 threads
@@ -17,10 +16,3 @@ def too_many_threads(threads: int) -> str | None:
         return None
     return (f"{threads} is more than {THREADS_PER_CORE}x the {cores} core{'s' * (cores > 1)} this process may run "
             f"on; use at most {THREADS_PER_CORE * cores}")
-
-
-def check_thread_limit(flag: str, threads: int) -> None:
-    """Raise GenerationError naming `flag` if `threads` (an integer, at least 1) is too many."""
-    reason = too_many_threads(threads)
-    if reason is not None:
-        raise GenerationError(f"{flag} {reason}")
