@@ -36,7 +36,7 @@ from apd_deploy.server.stops import StopText
 
 # How often a non-streamed request checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
-RETRY_AFTER_SECONDS = 1  # a 429's or 503's Retry-After
+RETRY_LATER = {"Retry-After": "1"}  # a 429's or 503's headers
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -201,11 +201,9 @@ def create_app(runtime: Runtime, scheduler: Scheduler, settings: ServeSettings,
         try:
             handle = scheduler.submit_prepared(ids, params, chunk_text=chunked, on_event=on_event)
         except QueueFull as exc:
-            raise OpenAIError(429, str(exc), code="queue_full",
-                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+            raise OpenAIError(429, str(exc), code="queue_full", headers=RETRY_LATER) from None
         except SchedulerClosed as exc:
-            raise OpenAIError(503, str(exc), code="shutting_down",
-                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+            raise OpenAIError(503, str(exc), code="shutting_down", headers=RETRY_LATER) from None
         if parsed.stream:
             return StreamingResponse(_stream(turn, handle, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -216,8 +214,7 @@ def create_app(runtime: Runtime, scheduler: Scheduler, settings: ServeSettings,
         result = _result_or_error(handle)
         if result.finish_reason == "cancelled" and app.state.aborted:
             raise OpenAIError(503, "the server shut down before this request finished; retry on another "
-                              "server or later", code="shutting_down",
-                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+                              "server or later", code="shutting_down", headers=RETRY_LATER)
         return result
 
     async def _whole(request: Request, turn: Turn, handle, events: asyncio.Queue) -> dict[str, Any]:
