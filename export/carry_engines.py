@@ -43,12 +43,8 @@ def _old_manifest(bundle: Path) -> dict[str, Any] | None:
 def _graph_records(manifest: dict[str, Any]) -> dict[str, str]:
     """sha256 of each model graph and its external data, by path."""
     files = manifest.get("files") or {}
-    graphs = {}
-    for model in (manifest.get("models") or {}).values():
-        for rel in (model["graph"], model["graph"] + ".data"):
-            if rel in files:
-                graphs[rel] = files[rel]["sha256"]
-    return graphs
+    return {rel: files[rel]["sha256"] for model in (manifest.get("models") or {}).values()
+            for rel in (model["graph"], model["graph"] + ".data") if rel in files}
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:
