@@ -140,10 +140,9 @@ def _copy_tokenizer(dllm: CheckpointFiles, verifier: CheckpointFiles, staging: P
     if source is None:
         return None
     (staging / "tokenizer").mkdir()
-    files = []
+    files = [f"tokenizer/{f.name}" for f in source.tokenizer_files]
     for f in source.tokenizer_files:
         shutil.copy2(f, staging / "tokenizer" / f.name)
-        files.append(f"tokenizer/{f.name}")
     return {"tokenizer_json": "tokenizer/tokenizer.json", "files": files}
 
 
