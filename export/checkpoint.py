@@ -164,11 +164,8 @@ def _match_weights(directory: Path, config: ModelConfig, shapes: dict[str, tuple
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        parts = [f"{what} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                 for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
         hint = " (is 'tie_word_embeddings' right in config.json?)" if "lm_head.weight" in missing else ""
         raise CheckpointError(f"{directory}: weights do not match config.json: {'; '.join(parts)}{hint}")
     for name, shape in found.items():
