@@ -13,9 +13,7 @@ from typing import Any
 
 from apd_deploy.errors import CheckpointError
 
-DLLM_MODEL_TYPES = ("Dream",)
-VERIFIER_MODEL_TYPES = ("qwen2", "llama")
-ROLE_MODEL_TYPES = {"dllm": DLLM_MODEL_TYPES, "verifier": VERIFIER_MODEL_TYPES}
+ROLE_MODEL_TYPES = {"dllm": ("Dream",), "verifier": ("qwen2", "llama")}
 
 
 @dataclass(frozen=True)
