@@ -225,8 +225,6 @@ def create_app(runtime: Runtime, scheduler: Scheduler, settings: ServeSettings,
                     event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        handle.cancel()
-                        metrics.cancelled.inc()
                         raise OpenAIError(499, "the client closed the request") from None
                     continue
                 if event is None:
@@ -234,10 +232,10 @@ def create_app(runtime: Runtime, scheduler: Scheduler, settings: ServeSettings,
                 text.append(stops.push(event.text or ""))
                 if stops.stopped:
                     handle.cancel()
-        except asyncio.CancelledError:  # the client went away and the host cancels the call (Ray Serve does)
-            handle.cancel()
-            metrics.cancelled.inc()
-            raise
+        finally:  # the answer is complete, or the client went away (a host such as Ray Serve cancels the call)
+            if not handle.done:
+                metrics.cancelled.inc()
+                handle.cancel()
         result = _finished(handle)
         if not turn.parsed.stops:
             text = [result.text or ""]
