@@ -42,10 +42,8 @@ def parameter_bytes(model: DecoderLM) -> int:
 def trace_to_onnx(model: DecoderLM, out_path: Path, opset: int) -> None:
     """Write `model` to `out_path` (plus `out_path.data` past EXTERNAL_DATA_BYTES of weights)."""
     io = graph_io(model.config, kv_dtype="unused")
-    dims = {name: torch.export.Dim(name, min=0) for name in DYNAMIC_AXES}
-    dims["batch"] = torch.export.Dim("batch", min=1)
-    dims["seq_len"] = torch.export.Dim("seq_len", min=1)
-    dims["logit_len"] = torch.export.Dim("logit_len", min=1)
+    dims = {name: torch.export.Dim(name, min=1 if name in ("batch", "seq_len", "logit_len") else 0)
+            for name in DYNAMIC_AXES}
     dynamic_shapes = {
         spec["name"]: {axis: dims[a] for axis, a in enumerate(spec["shape"]) if isinstance(a, str)}
         for spec in io["inputs"]
