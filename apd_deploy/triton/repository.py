@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from apd_deploy.errors import ApdDeployError, BundleError
@@ -26,30 +25,15 @@ TEMPLATE = Path(__file__).with_name("model.py")
 COPIED_BUNDLE = "1/bundle"  # the bundle's place inside the model's folder, with copy_bundle
 
 
-@dataclass(frozen=True)
-class ModelSettings:
-    """What each instance of the model runs: the parameters of config.pbtxt that model.py reads."""
-
-    bundle: str  # absolute, or relative to the model's folder
-    engine: str | None
-    threads: int | None
-    max_batch: int
-    max_queue: int
-
-    def parameters(self) -> dict[str, str]:
-        return {"bundle": self.bundle, "engine": self.engine or "", "threads": str(self.threads or ""),
-                "max_batch": str(self.max_batch), "max_queue": str(self.max_queue)}
-
-
 def _tensor(t: Tensor) -> str:
     optional = " optional: true" if t.optional and t in INPUTS else ""
     return f'  {{ name: "{t.name}" data_type: {t.data_type} dims: [ {t.dims} ]{optional} }}'
 
 
-def config_text(name: str, settings: ModelSettings, instances: int, env: Path) -> str:
+def config_text(name: str, params: dict[str, str], instances: int) -> str:
     """config.pbtxt: decoupled (many responses per request), no Triton batching (the model's own
-    scheduler batches the requests of every Triton batch), `instances` CPU instances."""
-    params = {**settings.parameters(), "EXECUTION_ENV_PATH": str(env)}
+    scheduler batches the requests of every Triton batch), `instances` CPU instances, `params` as
+    its string parameters."""
     inputs = ",\n".join(_tensor(t) for t in INPUTS)
     outputs = ",\n".join(_tensor(t) for t in OUTPUTS)
     lines = [f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
@@ -79,8 +63,11 @@ def write_repository(bundle: str | Path, out: str | Path, model_name: str | None
         if copy_bundle:
             shutil.copytree(bundle, staging / COPIED_BUNDLE)
             where = COPIED_BUNDLE
-        settings = ModelSettings(where, engine, threads, max_batch, max_queue)
-        (staging / "config.pbtxt").write_text(config_text(name, settings, instances, env.path))
+        # What each instance runs: the parameters model.py reads (the bundle absolute, or relative
+        # to the model's folder), and the stub's environment.
+        params = {"bundle": where, "engine": engine or "", "threads": str(threads or ""), "max_batch": str(max_batch),
+                  "max_queue": str(max_queue), "EXECUTION_ENV_PATH": str(env.path)}
+        (staging / "config.pbtxt").write_text(config_text(name, params, instances))
     return target
 
 
