@@ -34,11 +34,6 @@ def example_inputs(model: DecoderLM, batch: int = 2, seq_len: int = 5, past_len:
     return input_ids, position_ids, attention_mask, past_kv, logit_rows
 
 
-def parameter_bytes(model: DecoderLM) -> int:
-    seen = {id(p): p for p in model.parameters()}
-    return sum(p.numel() * p.element_size() for p in seen.values())
-
-
 def trace_to_onnx(model: DecoderLM, out_path: Path, opset: int) -> None:
     """Write `model` to `out_path` (plus `out_path.data` past EXTERNAL_DATA_BYTES of weights)."""
     io = graph_io(model.config, kv_dtype="unused")
@@ -61,7 +56,8 @@ def trace_to_onnx(model: DecoderLM, out_path: Path, opset: int) -> None:
             optimize=True,
             verbose=False,
         )
-    program.save(str(out_path), external_data=parameter_bytes(model) > EXTERNAL_DATA_BYTES)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() counts tied ones once
+    program.save(str(out_path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     # onnxscript's rewriter rules keep the last graph they matched alive (0.7), and its weights with
     # it: once the graph is written, let the in-memory graph drop them.
     for initializer in program.model.graph.initializers.values():
