@@ -42,8 +42,7 @@ def timing_cache_name(tensorrt_version: str, capability: str) -> str:
 
 
 def tensorrt_record(precision: str, tensorrt_version: str, capability: str, gpu: str,
-                    profiles: dict[str, list[Profile]], max_batch: int, max_seq_len: int,
-                    strongly_typed: bool = True, flags: list[str] | None = None) -> dict[str, Any]:
+                    profiles: dict[str, list[Profile]], max_batch: int, max_seq_len: int) -> dict[str, Any]:
     """The manifest record of a TensorRT engine pair (graph paths relative to the engine folder)."""
     return {
         "backend": "tensorrt",
@@ -52,7 +51,7 @@ def tensorrt_record(precision: str, tensorrt_version: str, capability: str, gpu:
         "array_backend": "cupy",
         "graphs": {role: f"{role}.plan" for role in ("dllm", "verifier")},
         "built_with": {"tensorrt": tensorrt_version, "compute_capability": capability, "gpu": gpu,
-                       "strongly_typed": strongly_typed, "builder_flags": flags or []},
+                       "strongly_typed": True, "builder_flags": []},  # see the module docstring
         "profiles": {role: [p.to_dict() for p in ps] for role, ps in profiles.items()},
         "max_batch": max_batch,
         "max_seq_len": max_seq_len,
