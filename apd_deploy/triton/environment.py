@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +65,3 @@ class PythonEnv:
                                  f"({INSTALL_HINT})")
         pytriton = Path(found["pytriton"]) if "pytriton" in found else None
         return cls(path, found["python"], found["libdir"], pytriton)
-
-
-def this_env() -> Path:
-    """The environment of the running Python: the default for the stub."""
-    return Path(sys.prefix)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from apd_deploy.errors import ApdDeployError, BundleError
 from apd_deploy.runtime import Runtime
 from apd_deploy.staging import staged_directory
-from apd_deploy.triton.environment import PythonEnv, this_env
+from apd_deploy.triton.environment import PythonEnv
 from apd_deploy.triton.fields import INPUTS, OUTPUTS, Tensor
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -53,7 +54,7 @@ def write_repository(bundle: str | Path, out: str | Path, model_name: str | None
     if not MODEL_NAME.fullmatch(name):
         raise ApdDeployError(f"--model-name {name!r}: use letters, digits, '_', '.' and '-' (a folder and a URL part)")
     env = (PythonEnv.inspect(python_env) if python_env else
-           PythonEnv.inspect(this_env(), flag="this Python's environment (the default of --python-env)"))
+           PythonEnv.inspect(sys.prefix, flag="this Python's environment (the default of --python-env)"))
     Runtime.check_files(bundle, engine)
     target = Path(out) / name
     with staged_directory(target, overwrite=False, recognise=_refuse) as staging:

@@ -15,6 +15,7 @@ lets requests in flight finish, for up to grace_seconds) and its exit status is 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import re
 import signal
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from apd_deploy.errors import ApdDeployError
 from apd_deploy.runtime import Runtime
-from apd_deploy.triton.environment import INSTALL_HINT, PythonEnv, this_env
+from apd_deploy.triton.environment import INSTALL_HINT, PythonEnv
 
 PARAMETER = re.compile(r'key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"')
 READY_TIMEOUT_SECONDS = 300  # a large bundle's load and hash check
@@ -55,7 +56,7 @@ def stub_environment(repo: Path, models: dict[str, dict[str, str]]) -> PythonEnv
     if len(envs) > 1:
         raise ApdDeployError(f"{repo}: its models run in environments of Python {' and '.join(sorted(envs))}; "
                              "tritonserver loads one Python stub: write them all with one --python-env")
-    return next(iter(envs.values()), None) or PythonEnv.inspect(this_env(), flag="the running Python's environment")
+    return next(iter(envs.values()), None) or PythonEnv.inspect(sys.prefix, flag="the running Python's environment")
 
 
 def check_bundles(repo: Path, models: dict[str, dict[str, str]]) -> None:
@@ -120,7 +121,8 @@ def triton_serve(repo: str | Path, host: str = "127.0.0.1", http_port: int = 800
         raise ApdDeployError(f"{repo}: no such directory; write a model repository with apd-deploy triton-repo")
     models = model_parameters(repo)
     env = stub_environment(repo, models)
-    pytriton = _find_pytriton() or env.pytriton
+    spec = importlib.util.find_spec("pytriton")  # this Python's wheel first, else the environment's
+    pytriton = Path(spec.origin).parent if spec else env.pytriton
     if pytriton is None:
         raise ApdDeployError(f"triton-serve runs tritonserver from the nvidia-pytriton wheel, which neither this "
                              f"Python nor {env.path} has; {INSTALL_HINT}")
@@ -150,12 +152,4 @@ def triton_serve(repo: str | Path, host: str = "127.0.0.1", http_port: int = 800
     else:
         print("stopped", file=sys.stderr, flush=True)
     return code
-
-
-def _find_pytriton() -> Path | None:
-    try:
-        import pytriton
-    except ImportError:
-        return None
-    return Path(pytriton.__file__).parent
 
