@@ -28,10 +28,6 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_MAX_SEQ_LEN = 4096
 
 
-def engine_name(backend: str, device: str, precision: str) -> str:
-    return f"{backend}-{device}-{precision}"
-
-
 def fastest_cpu_engine() -> tuple[str, str]:
     """(backend, precision) of the fastest CPU engine this machine can build for an fp32 bundle:
     OpenVINO in bf16 where the CPU computes bf16 natively (AMX, AVX512_BF16), OpenVINO in fp32
@@ -82,7 +78,7 @@ def build_engine(
     if max_seq_len > model_positions:
         raise ApdDeployError(f"--max-seq-len {max_seq_len} exceeds the models' {model_positions} positions")
 
-    name = engine_name(backend, device, precision)
+    name = f"{backend}-{device}-{precision}"
     engines_dir = bundle / "engines"
     created_engines_dir = not engines_dir.exists()
     engines_dir.mkdir(exist_ok=True)
