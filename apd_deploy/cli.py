@@ -208,11 +208,8 @@ def generate_command(bundle: str, prompt: str | None, prompt_ids: list[int] | No
             raise click.UsageError(str(exc)) from None
     runtime = Runtime.load(bundle, engine=engine, threads=threads, verify=verify, array_backend=array_backend)
     stream = runtime.stream(prompt if prompt is not None else prompt_ids, chat=chat, **params)
-    if as_json:
-        for _ in stream:
-            pass
-        result = stream.result()
-        click.echo(json.dumps({"alg": params["alg"], **result.to_dict()}))
+    if as_json:  # result() runs the steps the chunks would come from
+        click.echo(json.dumps({"alg": params["alg"], **stream.result().to_dict()}))
         return
     shown = ""
     for i, chunk in enumerate(stream):
