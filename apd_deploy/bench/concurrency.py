@@ -71,6 +71,12 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
 
+def aligned(table: list[tuple[str, ...]]) -> str:
+    """Rows of cells as text, each column as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
 def run_alone(runtime: Runtime, prompts: list[Prompt], params: dict[str, Any],
               progress: Callable[[], None]) -> tuple[list[GenerationResult], float, float]:
     started = time.perf_counter()
@@ -170,13 +176,11 @@ def benchmark_concurrency(runtime: Runtime, levels: list[int], prompts: list[Pro
 def format_levels(rows: list[LevelResult]) -> str:
     header = ("concurrency", "tokens/s", "range", "vs 1", "per request tok/s", "latency p50/p95 ms",
               "first chunk p50/p95 ms", "batch", "acc", "same tokens")
-    table = [header]
-    for r in rows:
-        table.append((r.concurrency, f"{r.tokens_per_second:.1f}", f"{r.tokens_per_second_min:.1f}-{r.tokens_per_second_max:.1f}",
-                      "-" if r.speedup_vs_level_1 is None else f"{r.speedup_vs_level_1:.2f}x",
-                      f"{r.per_request_tokens_per_second:.1f}", f"{r.latency_p50_ms:.0f}/{r.latency_p95_ms:.0f}",
-                      f"{r.first_chunk_p50_ms:.0f}/{r.first_chunk_p95_ms:.0f}", f"{r.mean_batch:.1f}",
-                      "-" if r.accuracy is None else f"{r.accuracy:.1%}",
-                      "-" if r.same_tokens_as_alone is None else ("yes" if r.same_tokens_as_alone else "NO")))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    cells = [(r.concurrency, f"{r.tokens_per_second:.1f}",
+              f"{r.tokens_per_second_min:.1f}-{r.tokens_per_second_max:.1f}",
+              "-" if r.speedup_vs_level_1 is None else f"{r.speedup_vs_level_1:.2f}x",
+              f"{r.per_request_tokens_per_second:.1f}", f"{r.latency_p50_ms:.0f}/{r.latency_p95_ms:.0f}",
+              f"{r.first_chunk_p50_ms:.0f}/{r.first_chunk_p95_ms:.0f}", f"{r.mean_batch:.1f}",
+              "-" if r.accuracy is None else f"{r.accuracy:.1%}",
+              "-" if r.same_tokens_as_alone is None else ("yes" if r.same_tokens_as_alone else "NO")) for r in rows]
+    return aligned([header, *cells])

@@ -9,7 +9,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from apd_deploy.bench.concurrency import LevelResult
+from apd_deploy.bench.concurrency import LevelResult, aligned
 from apd_deploy.bench.plots import plot_breakdown, plot_concurrency, plot_pareto, plot_sweeps, subtitle
 from apd_deploy.bench.runner import ConfigResult
 from apd_deploy.errors import ApdDeployError, BundleError
@@ -57,13 +57,10 @@ def write_levels(out: Path, settings: dict[str, Any], rows: list[LevelResult]) -
 
 def format_table(results: list[ConfigResult]) -> str:
     header = ("config", "tokens/s", "range", "tok/step", "dLLM fwd", "step ms", "dLLM/ver/host ms", "acc", "vs eager")
-    rows = [header]
-    for r in results:
-        rows.append((r.label, f"{r.tokens_per_second:.1f}", f"{r.tokens_per_second_min:.1f}-{r.tokens_per_second_max:.1f}",
-                     f"{r.tokens_per_step:.2f}", f"{r.dllm_forwards_per_prompt:.1f}", f"{r.step_ms:.1f}",
-                     f"{r.dllm_ms_per_step:.1f}/{r.verifier_ms_per_step:.1f}/{r.host_ms_per_step:.1f}",
-                     "-" if r.accuracy is None else f"{r.accuracy:.1%}",
-                     "-" if r.speedup_vs_eager is None else
-                     f"{r.speedup_vs_eager:.2f}x{'' if r.same_tokens_as_eager else ' (tokens differ)'}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    cells = [(r.label, f"{r.tokens_per_second:.1f}", f"{r.tokens_per_second_min:.1f}-{r.tokens_per_second_max:.1f}",
+              f"{r.tokens_per_step:.2f}", f"{r.dllm_forwards_per_prompt:.1f}", f"{r.step_ms:.1f}",
+              f"{r.dllm_ms_per_step:.1f}/{r.verifier_ms_per_step:.1f}/{r.host_ms_per_step:.1f}",
+              "-" if r.accuracy is None else f"{r.accuracy:.1%}",
+              "-" if r.speedup_vs_eager is None else
+              f"{r.speedup_vs_eager:.2f}x{'' if r.same_tokens_as_eager else ' (tokens differ)'}") for r in results]
+    return aligned([header, *cells])

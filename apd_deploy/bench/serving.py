@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from apd_deploy.bench.concurrency import closed_loop, percentile
+from apd_deploy.bench.concurrency import aligned, closed_loop, percentile
 from apd_deploy.errors import ApdDeployError
 
 # What to check when every request of a level failed, by status.
@@ -259,11 +259,9 @@ def launched_server(args: list[str], port: int | None = None, env: dict[str, str
 
 def format_serve(rows: list[ServeLevel]) -> str:
     header = ("concurrency", "requests", "errors", "tokens/s", "vs 1", "latency p50/p95 ms", "first token p50/p95 ms", "acc")
-    table = [header] + [(str(r.concurrency), str(r.requests), ",".join(f"{k}:{v}" for k, v in r.errors.items()) or "0",
-                         f"{r.tokens_per_second:.1f}",
-                         "-" if r.speedup_vs_level_1 is None else f"{r.speedup_vs_level_1:.2f}x",
-                         f"{r.latency_p50_ms:.0f}/{r.latency_p95_ms:.0f}",
-                         f"{r.first_token_p50_ms:.0f}/{r.first_token_p95_ms:.0f}",
-                         "-" if r.accuracy is None else f"{r.accuracy:.1%}") for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    cells = [(str(r.concurrency), str(r.requests), ",".join(f"{k}:{v}" for k, v in r.errors.items()) or "0",
+              f"{r.tokens_per_second:.1f}", "-" if r.speedup_vs_level_1 is None else f"{r.speedup_vs_level_1:.2f}x",
+              f"{r.latency_p50_ms:.0f}/{r.latency_p95_ms:.0f}",
+              f"{r.first_token_p50_ms:.0f}/{r.first_token_p95_ms:.0f}",
+              "-" if r.accuracy is None else f"{r.accuracy:.1%}") for r in rows]
+    return aligned([header, *cells])
