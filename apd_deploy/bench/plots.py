@@ -76,8 +76,7 @@ def pareto_figure(results: list[ConfigResult], settings: str):
     scored = [r for r in results if r.accuracy is not None]
     if not scored:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8.5, 5))
+    fig, ax = _pyplot().subplots(figsize=(8.5, 5))
     markers = "osD^vP*X<>"
     for i, r in enumerate(scored):
         # Hollow markers: configurations at the same point stay visible one through the other.
@@ -130,8 +129,7 @@ def plot_sweeps(results: list[ConfigResult], out: Path, settings: str) -> list[P
 
 
 def breakdown_figure(results: list[ConfigResult], settings: str):
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(results) + 2), 4.5))
+    fig, ax = _pyplot().subplots(figsize=(max(6, 0.6 * len(results) + 2), 4.5))
     labels = [r.label for r in results]
     parts = (("dLLM engine", [r.dllm_ms_per_step for r in results]),
              ("verifier engine", [r.verifier_ms_per_step for r in results]),
@@ -153,8 +151,7 @@ def plot_breakdown(results: list[ConfigResult], out: Path, settings: str) -> Pat
 
 def concurrency_figure(rows: list[LevelResult], settings: str):
     """Total and per-request throughput against concurrency, with the lone request's for reference."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(6, 4.5))
     levels = [r for r in rows if r.concurrency != "alone"]
     x = [int(r.concurrency) for r in levels]
     ax.errorbar(x, [r.tokens_per_second for r in levels], fmt="o-", label="total",
@@ -180,8 +177,7 @@ def plot_concurrency(rows: list[LevelResult], out: Path, settings: str) -> Path:
 
 def serve_figure(rows: list[ServeLevel], settings: str):
     """A server's throughput and latency against concurrent clients."""
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.3))
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(10, 4.3))
     x = [r.concurrency for r in rows]
     left.plot(x, [r.tokens_per_second for r in rows], "o-")
     left.set_ylabel("tokens / s (all clients)")
