@@ -15,9 +15,8 @@ from apd_deploy import __version__
 from apd_deploy.bench.concurrency import parse_levels
 from apd_deploy.bench.runner import parse_sweep
 from apd_deploy.bundle import VERIFY_MODES
-from apd_deploy.cli_options import (CONTEXT, THREADS_BOUND, IntList, Parsed, ThreadCount, apd_options, in_cli_terms,
-                                    local_threads_option, param_option, param_options, sampling_options, slot_options,
-                                    threads_option)
+from apd_deploy.cli_options import (CONTEXT, THREADS_BOUND, IntList, Parsed, ThreadCount, in_cli_terms,
+                                    local_threads_option, param_option, param_options, slot_options, threads_option)
 from apd_deploy.cli_progress import counted, progress_bar
 from apd_deploy.engines.build import BACKENDS, DEVICES, PRECISIONS
 from apd_deploy.errors import ApdDeployError, GenerationError
@@ -278,8 +277,7 @@ def build_engine_command(bundle: str, backend: str, device: str | None, precisio
 @click.option("--n", "n", type=click.IntRange(min=1), default=200, show_default=True, help="Problems per algorithm.")
 @click.option("--algs", type=ALGS, default=DEFAULT_ALGS, show_default=True,
               help="Comma-separated; leftright:K commits K tokens per step, diffusion:S takes S steps.")
-@apd_options
-@sampling_options
+@param_options(*group("apd"), *group("sampling"))
 @click.option("--max-new-tokens", "lengths", type=IntList(1, "positive integer", "32,48,64,96"),
               help="Tokens per answer at most; several, comma-separated (32,48,64,96), run each algorithm at each "
               "length  [default: the task's]")

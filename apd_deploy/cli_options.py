@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from apd_deploy.errors import GenerationError
-from apd_deploy.runtime.params import PARAM, group
+from apd_deploy.runtime.params import PARAM
 from apd_deploy.runtime.threads import THREADS_PER_CORE, too_many_threads
 
 # -h as well as --help, on the group and on every command.
@@ -95,10 +95,6 @@ def param_options(*names: str) -> Callable[[Any], Any]:
         return command
 
     return decorate
-
-
-apd_options = param_options(*group("apd"))  # R, W and M, as generate and eval take them
-sampling_options = param_options(*group("sampling"))
 
 
 class ThreadCount(click.IntRange):
