@@ -58,9 +58,7 @@ def labelled_page(snapshots: dict[str, tuple[dict[str, str], list[Metric]]]) -> 
             merged.samples.extend(s._replace(labels={**s.labels, **labels}) for s in family.samples)
     count = Metric("apd_replicas", "Replicas whose metrics this page shows", "gauge")
     count.add_sample("apd_replicas", {}, len(snapshots))
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed([count, *families.values()]))
-    return generate_latest(registry)
+    return generate_latest(_Fixed([count, *families.values()]))  # a Collector: all generate_latest reads
 
 
 class _Fixed:
