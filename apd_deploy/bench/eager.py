@@ -24,8 +24,8 @@ class EagerResult:
 
 def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     ordered, order = torch.sort(logits, descending=True, dim=-1)
-    cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
-    drop = cumulative - torch.softmax(ordered, dim=-1) >= top_p
+    probs = torch.softmax(ordered, dim=-1)
+    drop = probs.cumsum(-1) - probs >= top_p
     ordered = ordered.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, ordered)
 
