@@ -4,6 +4,7 @@ missing and how to install it; both `engines` (build) and `runtime` (run) use th
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -13,12 +14,17 @@ GPU_EXTRA = "pip install 'apd-deploy[gpu]'"
 TENSORRT_EXTRA = "pip install 'apd-deploy[tensorrt]'"
 
 
+def _require(module: str, missing: str) -> ModuleType:
+    """The module, or BackendUnavailable with the message `missing` (how to install it)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise BackendUnavailable(missing) from None
+
+
 def require_cupy() -> ModuleType:
     """cupy with a usable CUDA device."""
-    try:
-        import cupy
-    except ImportError:
-        raise BackendUnavailable(f"cupy is not installed; it runs sampling on the GPU: {GPU_EXTRA}") from None
+    cupy = _require("cupy", f"cupy is not installed; it runs sampling on the GPU: {GPU_EXTRA}")
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError has no stable import path across cupy versions
@@ -29,11 +35,7 @@ def require_cupy() -> ModuleType:
 
 
 def require_tensorrt() -> ModuleType:
-    try:
-        import tensorrt
-    except ImportError:
-        raise BackendUnavailable(f"TensorRT is not installed (it needs an NVIDIA GPU): {TENSORRT_EXTRA}") from None
-    return tensorrt
+    return _require("tensorrt", f"TensorRT is not installed (it needs an NVIDIA GPU): {TENSORRT_EXTRA}")
 
 
 def require_ort_cuda() -> None:
@@ -61,11 +63,8 @@ NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def require_openvino() -> ModuleType:
-    try:
-        import openvino
-    except ImportError:
-        raise BackendUnavailable(f"OpenVINO is not installed; it runs the graphs on Intel and AMD CPUs: {OPENVINO_EXTRA}") from None
-    return openvino
+    return _require("openvino",
+                    f"OpenVINO is not installed; it runs the graphs on Intel and AMD CPUs: {OPENVINO_EXTRA}")
 
 
 def cpu_isa() -> list[str]:
