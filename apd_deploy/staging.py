@@ -23,7 +23,6 @@ from apd_deploy.errors import BundleError
 # Raises BundleError (naming what is in the way) if an existing, non-empty destination is not
 # something the caller wrote and may therefore replace.
 Recognise = Callable[[Path], None]
-KINDS = ("staging", "old")
 
 
 class Terminated(BaseException):
@@ -77,7 +76,7 @@ def remove_stale(target: Path) -> list[Path]:
     removed = []
     if not target.parent.is_dir():
         return removed
-    for kind in KINDS:
+    for kind in ("staging", "old"):
         prefix = f".{target.name}.{kind}-"
         for folder in target.parent.iterdir():
             if not folder.name.startswith(prefix) or not folder.is_dir():
