@@ -50,7 +50,6 @@ def build_onnxruntime(bundle: Path, manifest: dict[str, Any], device: str, preci
     provider = PROVIDERS[device]
     fold_weights = device == "cpu" and precision != "fp32"
     passes = [BUILD_LEVEL, FOLD_LEVEL] if fold_weights else [BUILD_LEVEL]
-    graphs = {}
     for role in ("dllm", "verifier"):
         source = bundle / manifest["models"][role]["graph"]
         with tempfile.TemporaryDirectory(prefix=f".{role}-", dir=out) as scratch:
@@ -58,13 +57,12 @@ def build_onnxruntime(bundle: Path, manifest: dict[str, Any], device: str, preci
                 target = out / f"{role}.onnx" if number == len(passes) else Path(scratch) / f"{number}-{role}.onnx"
                 _optimise(ort, source, target, provider, level)
                 source = target
-        graphs[role] = f"{role}.onnx"
     return {
         "backend": "onnxruntime",
         "device": device,
         "precision": precision,
         "array_backend": "cupy" if device == "cuda" else "numpy",
-        "graphs": graphs,
+        "graphs": {role: f"{role}.onnx" for role in ("dllm", "verifier")},
         "session_options": {"graph_optimization_level": "ORT_DISABLE_ALL"},
         "built_with": {"onnxruntime": ort.__version__, "execution_provider": provider, "optimization": "+".join(passes)},
     }
