@@ -55,21 +55,19 @@ def build_openvino(bundle: Path, manifest: dict[str, Any], precision: str, threa
     isa = cpu_isa()
     check_precision(precision, manifest["export"]["dtype"], isa)
     core = ov.Core()
-    graphs, sources = {}, {}
-    for role in ("dllm", "verifier"):
-        source = manifest["models"][role]["graph"]
+    sources = {role: manifest["models"][role]["graph"] for role in ("dllm", "verifier")}
+    for role, source in sources.items():
         compiled = core.compile_model(str(bundle / source), "CPU", compile_config(precision, threads))
         blob = io.BytesIO()  # export_model writes only to BytesIO; getbuffer() saves a second copy
         compiled.export_model(blob)
         (out / f"{role}.blob").write_bytes(blob.getbuffer())
         del blob, compiled
-        graphs[role], sources[role] = f"{role}.blob", source
     return {
         "backend": "openvino",
         "device": "cpu",
         "precision": precision,
         "array_backend": "numpy",
-        "graphs": graphs,
+        "graphs": {role: f"{role}.blob" for role in sources},
         "sources": sources,
         "built_with": {"openvino": ov.get_version(), "cpu": cpu_name(), "machine": platform.machine(),
                        "isa": isa, "threads": threads},
