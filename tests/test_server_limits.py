@@ -95,6 +95,30 @@ def test_a_client_gone_mid_body_is_counted_as_499(open_server):
     assert 'status="500"' not in page
 
 
+# A client that goes away before its whole (non-streamed) answer.
+def _count(url: str, sample: str) -> float:
+    page = httpx.get(f"{url}/metrics").text
+    return next((float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(sample)), 0.0)
+
+
+def test_a_client_gone_before_a_whole_answer_cancels_it(open_server):
+    gone = 'apd_requests_total{endpoint="/v1/completions",status="499"}'
+    cancelled, gone_before = _count(open_server, "apd_cancelled_requests_total"), _count(open_server, gone)
+    # Diffusion over 480 masks takes seconds; the client waits half of one.
+    body = {"prompt": [5, 6, 7], "max_tokens": 480, "alg": "diffusion"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{open_server}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    deadline = time.monotonic() + 30
+    while (_count(open_server, "apd_cancelled_requests_total"), _count(open_server, gone)) != (cancelled + 1,
+                                                                                                gone_before + 1):
+        assert time.monotonic() < deadline, httpx.get(f"{open_server}/metrics").text
+        time.sleep(0.05)
+    assert _count(open_server, "apd_active_requests") == 0
+    answered = httpx.post(f"{open_server}/v1/completions", json={"prompt": [5], "max_tokens": 4}, timeout=60)
+    assert answered.status_code == 200
+    assert _count(open_server, "apd_cancelled_requests_total") == cancelled + 1  # a finished answer is no cancel
+
+
 # A route called with another method.
 def test_a_wrong_method_is_a_405_with_allow(open_server):
     response = httpx.get(f"{open_server}/v1/chat/completions")
