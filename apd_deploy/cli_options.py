@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from apd_deploy.errors import GenerationError
-from apd_deploy.runtime.params import PARAM
+from apd_deploy.runtime.params import PARAM, called
 from apd_deploy.runtime.threads import THREADS_PER_CORE, too_many_threads
 
 # -h as well as --help, on the group and on every command.
@@ -52,15 +52,9 @@ class IntList(click.ParamType):
         return [int(item) for item in items]
 
 
-def flag_of(keyword: str) -> str:
-    """What the command line calls a parameter: its flag (the keyword where it has none)."""
-    param = PARAM.get(keyword)
-    return param.flag if param is not None and param.flag else keyword
-
-
 def in_cli_terms(exc: GenerationError) -> str:
     """The error's message naming flags."""
-    return exc.in_terms_of(flag_of(exc.param or ""), flag_of)
+    return exc.in_terms_of(lambda keyword: called(keyword, "flag"))
 
 
 class Parsed(click.ParamType):

@@ -33,12 +33,11 @@ class GenerationError(ApdDeployError):
 
     def __init__(self, message: str, param: str | None = None) -> None:
         self.template, self.param = message, param
-        super().__init__(self.in_terms_of(param))
+        super().__init__(self.in_terms_of())
 
-    def in_terms_of(self, name: str | None, name_of: Callable[[str], str] = str) -> str:
-        """The message with the parameter called `name` (a flag, a body field), any other it names
-        called `name_of(keyword)`."""
-        fill = PLACEHOLDER.sub(lambda m: (name or "") if m[1] == "name" else name_of(m[1]), self.template)
+    def in_terms_of(self, name_of: Callable[[str], str] = str) -> str:
+        """The message with each parameter it names called `name_of(keyword)` (a flag, a body field)."""
+        fill = PLACEHOLDER.sub(lambda m: name_of(self.param if m[1] == "name" else m[1]), self.template)
         return fill if self.param else self.template
 
 

@@ -126,6 +126,11 @@ PARAM = {p.name: p for p in PARAMS}
 DEFAULTS = {p.name: p.default for p in PARAMS}
 
 
+def called(keyword: str, attribute: str) -> str:
+    """What a front end calls `keyword`: its parameter's `attribute` ('flag', 'field'), else the keyword."""
+    return getattr(PARAM.get(keyword), attribute, None) or keyword
+
+
 def group(name: str) -> dict[str, Param]:  # by keyword, in the table's order
     return {p.name: p for p in PARAMS if p.group == name}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apd_deploy.errors import GenerationError
-from apd_deploy.runtime.params import PARAM, PARAMS
+from apd_deploy.runtime.params import PARAMS, called
 
 # Body field -> the generation parameter it sets, checked as the table declares it.
 BODY_PARAMS = {p.field: p for p in PARAMS if p.field is not None}
@@ -50,14 +50,15 @@ def bad(param: str, message: str, code: str = "invalid_value") -> OpenAIError:
 
 def field_of(keyword: str) -> str:
     """What a request body calls a parameter (its keyword where it is no generation parameter)."""
-    param = PARAM.get(keyword)
-    return param.field if param is not None and param.field else keyword
+    return called(keyword, "field")
 
 
 def refused(exc: GenerationError, chat: bool = False) -> OpenAIError:
     """A 400 naming the body field of the parameter at fault (a chat's prompt is its messages)."""
-    name = "messages" if chat and exc.param == "prompt" else exc.param and field_of(exc.param)
-    return OpenAIError(400, exc.in_terms_of(name, field_of), param=name, code="invalid_value")
+    def name_of(keyword: str) -> str:
+        return "messages" if chat and keyword == "prompt" else field_of(keyword)
+
+    return OpenAIError(400, exc.in_terms_of(name_of), param=exc.param and name_of(exc.param), code="invalid_value")
 
 
 @dataclass

@@ -59,4 +59,4 @@ def field_of(keyword: str) -> str:
 
 def in_triton_terms(exc: GenerationError) -> str:
     """The error's message naming the model's input fields."""
-    return exc.in_terms_of(field_of(exc.param or ""), field_of)
+    return exc.in_terms_of(field_of)
