@@ -30,7 +30,6 @@ import ray
 from prometheus_client.metrics_core import Metric
 from ray import serve
 
-from apd_deploy.bundle import read_manifest
 from apd_deploy.errors import BundleError, GenerationError
 from apd_deploy.runtime import Runtime
 from apd_deploy.server.app import create_app
@@ -65,14 +64,10 @@ def for_ray(settings: ServeSettings) -> ServeSettings:
     whether the engine needs a GPU, the model's name, a thread at least (read here, so that a wrong
     path or engine fails before anything is deployed)."""
     path = Path(settings.bundle).resolve()
-    manifest = read_manifest(path, verify="skip")
-    engines, engine = manifest.get("engines", {}), settings.engine
-    if engine is not None and engine not in engines:
-        raise BundleError(f"{path}: no engine named '{engine}' in manifest.json 'engines' "
-                          f"(available: {', '.join(engines) or 'none; build one with apd-deploy build-engine'})")
+    _, record = Runtime.check_files(path, settings.engine, verify="skip")
     return replace(settings, bundle=str(path), model_name=settings.served_name, threads=settings.threads or 1,
                    manifest_sha256=hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest(),
-                   gpu=engine is not None and engines[engine].get("device") != "cpu")
+                   gpu=record is not None and record.get("device") != "cpu")
 
 
 def deployment_options(settings: ServeSettings, replicas: int | None = None,
